@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .augment import ViewConfig, make_views, sample_params, slice_params
 from .models import Encoder

@@ -11,7 +11,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .io import atomic_torch_save, atomic_write_json
 from .models import save_encoder, CheckpointError

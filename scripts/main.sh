@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set up, run the default grid (SimCLR, small CNN,
+# Fashion-MNIST, CPU) with papermill, and build the book. Extra arguments go to memssl-grid
+# (e.g. --set epochs=20 for a quicker look).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+bash scripts/setup.sh
+export MPLBACKEND=Agg
+echo "== running the default grid (experiments/default.yml)"
+.venv/bin/memssl-grid experiments/default.yml "$@"
+echo "== building the book"
+.venv/bin/memssl-book .
+echo "== done in $(( $(date +%s) - t0 )) s; open _build/html/intro.html in a browser"
