@@ -89,7 +89,8 @@ def validate_params(params:dict) -> dict:
     if p['schedule'] not in ('cosine', 'constant'): raise RunError(f"schedule must be 'cosine' or 'constant', got {p['schedule']!r}")
     if p['parallel'] not in ('auto', True, False): raise RunError(f"parallel must be 'auto', True or False, got {p['parallel']!r}")
     if not p['run_dir']: raise RunError('run_dir must be set')
-    pick_device(p['device'])
+    try: pick_device(p['device'])
+    except RuntimeError as e: raise RunError(str(e)) from None
     return p
 
 def params_from(namespace:dict) -> dict:

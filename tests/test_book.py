@@ -1,0 +1,97 @@
+"The book: built from a small run in a copy of the repository, then rendered in headless Chromium."
+import re, shutil, subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memssl.book import build_book
+from memssl.data import write_fake_dataset
+from memssl.grid import execute_run
+from memssl.runs import validate_params
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+def repo_copy(dst: Path) -> Path:
+    "Tracked and untracked-but-not-ignored files of the checkout (what a fresh clone plus local edits holds)."
+    files = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split('\n')
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    return dst
+
+
+def screenshot(html: Path, png: Path):
+    assert CHROMIUM, 'chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)'
+    subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                    f'--user-data-dir={png.parent / ("profile-" + png.stem)}', '--virtual-time-budget=5000',
+                    '--window-size=1280,1800', f'--screenshot={png}', html.as_uri()],
+                   capture_output=True, timeout=120)
+    assert png.is_file(), f'chromium wrote no screenshot of {html}'
+    return np.asarray(Image.open(png).convert('L'), dtype=float)
+
+
+def real_figure(path: Path) -> bool:
+    im = np.asarray(Image.open(path).convert('L'), dtype=float)
+    return min(im.shape) >= 150 and im.std() > 5
+
+
+@pytest.fixture(scope='module')
+def book(tmp_path_factory):
+    root = repo_copy(tmp_path_factory.mktemp('repo'))
+    npz = write_fake_dataset('npz', root / 'data', n_train=150, n_test=40)
+    p = validate_params(dict(dataset=f'npz:{npz}', n_shared=50, n_candidates=25, n_independent=25, n_extra=25, epochs=2,
+                             batch_size=32, n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10,
+                             device='cpu', parallel=False, run_dir=str(root / 'runs' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
+    html = build_book(root, strict=True)          # raises on any Sphinx warning or notebook error
+    return root, html
+
+
+PAGES = ['intro.html', 'book/results.html', 'book/calibration.html', 'runs/tiny/report.html',
+         'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
+
+
+@pytest.mark.parametrize('page', PAGES)
+def test_page_exists_without_errors_or_nbdev_noise(book, page):
+    root, html = book
+    text = (html / page).read_text()
+    assert 'Traceback (most recent call last)' not in text
+    assert 'output traceback' not in text and 'CellExecutionError' not in text
+    assert '#| export' not in text and '#| hide' not in text
+
+
+@pytest.mark.parametrize('page, min_figures', [('book/results.html', 5), ('runs/tiny/report.html', 6), ('intro.html', 2),
+                                               ('book/library/03_augment.html', 1)])
+def test_figures_are_real_images(book, page, min_figures):
+    root, html = book
+    text = (html / page).read_text()
+    srcs = [s for s in re.findall(r'<img[^>]+src="([^"]+)"', text) if not s.startswith(('http', 'data:')) and 'logo' not in s]
+    figs = [(html / page).parent / s for s in srcs]
+    assert len(figs) >= min_figures, f'{page}: {len(figs)} images'
+    for f in figs:
+        assert f.is_file(), f'{page} links a missing image {f}'
+        assert real_figure(f), f'{page}: {f.name} looks blank or tiny'
+
+
+def test_results_page_shows_the_run(book):
+    root, html = book
+    text = (html / 'book/results.html').read_text()
+    assert 'tiny' in text
+    for t in ('C &gt; S', 'C &gt; E', 'I &lt; S', 'I &lt; E'):
+        assert t in text
+
+
+@pytest.mark.parametrize('page', ['intro.html', 'book/results.html', 'runs/tiny/report.html'])
+def test_pages_render_in_chromium(book, page, tmp_path):
+    root, html = book
+    shot = screenshot(html / page, tmp_path / (page.replace('/', '_') + '.png'))
+    assert shot.shape[0] > 500 and shot.std() > 10, 'the rendered page is blank'
+    shutil.copy(tmp_path / (page.replace('/', '_') + '.png'), root.parent / (page.replace('/', '_') + '.png'))
