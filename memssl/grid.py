@@ -99,8 +99,21 @@ def execute_run(notebook, params:dict, force:bool=False, echo:bool=True) -> str:
             log.write(f'\nFAILED after {time.perf_counter() - t0:.0f} s: {msg}\n')
             set_status(run_dir, 'failed', error=msg)
             return 'failed'
+        finally: _title_report(run_dir / 'report.ipynb', run_dir.name)
         log.write(f'\ncomplete in {time.perf_counter() - t0:.0f} s\n')
     return 'complete' if is_complete(run_dir) else 'failed'
+
+def _title_report(path:Path, name:str):
+    "Put the run id in the executed report's title, so the book's list of reports tells runs apart."
+    import nbformat
+    from memssl.io import atomic_write_text
+    if not path.is_file(): return
+    nb = nbformat.read(path, as_version=4)
+    c = nb.cells[0] if nb.cells else None
+    if c is not None and c.cell_type == 'markdown' and c.source.startswith('# ') and name not in c.source.split('\n')[0]:
+        first, *rest = c.source.split('\n')
+        c.source = '\n'.join([f'{first}: {name}', *rest])
+        atomic_write_text(path, nbformat.writes(nb))
 
 def run_grid(path, overrides=None, force=False, only=None, dry_run=False, echo=True) -> dict:
     "Execute every run of a grid file; returns {run_id: status}."
