@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 bash scripts/setup.sh
-export MPLBACKEND=Agg
 echo "== running the default grid (experiments/default.yml)"
 .venv/bin/memssl-grid experiments/default.yml "$@"
 echo "== building the book"

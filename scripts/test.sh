@@ -4,7 +4,7 @@
 # Run scripts/setup.sh first (CI's .ci/run does both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MPLBACKEND=Agg PYTHONHASHSEED=0
+export PYTHONHASHSEED=0
 B=.venv/bin
 [ -x $B/nbdev_test ] || { echo "test: no .venv; run bash scripts/setup.sh first" >&2; exit 2; }
 

@@ -45,6 +45,9 @@ def test_split_file_and_npz_score_exactly_the_manifest(tmp_path):
     assert r.meta['dataset']['fingerprint'] == data.fingerprint
     assert set(r.metrics['probes']) == {'f', 'g', 'random'}
     assert error_outputs(tmp_path / 'run' / 'report.ipynb') == []
+    nb = nbformat.read(tmp_path / 'run' / 'report.ipynb', as_version=4)
+    pngs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
+    assert len(pngs) >= 8, f'the report holds {len(pngs)} figures'
     assert json.loads((tmp_path / 'run' / 'status.json').read_text())['state'] == 'complete'
 
 
