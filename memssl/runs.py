@@ -294,7 +294,8 @@ def run_summary(runs:list) -> pd.DataFrame:
     rows = []
     for r in runs:
         p, m = r.params, r.metrics
-        row = dict(run=r.name, dataset=p['dataset'], method=p['method'], backbone=p['backbone'], epochs=p['epochs'],
+        ds = p['dataset'] if ':' not in p['dataset'] else p['dataset'].split(':', 1)[0] + ':' + Path(p['dataset'].split(':', 1)[1]).name
+        row = dict(run=r.name, dataset=ds, method=p['method'], backbone=p['backbone'], epochs=p['epochs'],
                    seed=p['seed'], features=m['score_features'])
         row.update({f'mean {k[0].upper()}': v for k, v in m['mean_sslmem'].items()})
         row.update({f"p({t['test']})": t['welch_p'] for t in m['tests'] if t['features'] == m['score_features']})

@@ -40,7 +40,7 @@ def screenshot(html: Path, png: Path):
 
 def real_figure(path: Path) -> bool:
     im = np.asarray(Image.open(path).convert('L'), dtype=float)
-    return min(im.shape) >= 150 and im.std() > 5
+    return min(im.shape) >= 80 and max(im.shape) >= 300 and im.std() > 5
 
 
 @pytest.fixture(scope='module')
