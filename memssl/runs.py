@@ -255,7 +255,8 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     m = dict(params_id=params_id(p), score_features=p['score_features'],
              mean_sslmem={r: float(v) for r, v in scores.groupby('split')['sslmem'].mean().items()},
              n_scored={r: int(v) for r, v in scores.groupby('split').size().items()},
-             tests=json.loads(tests.to_json(orient='records')), probes=probes, timings=run.timings,
+             tests=[{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in tests.to_dict('records')],
+             probes=probes, timings=run.timings,
              final_loss={n: h[-1]['loss'] for n, h in (histories or {}).items() if h})
     atomic_write_json(run.path('metrics.json'), m)
     set_status(run.dir, 'complete', timings=run.timings)
