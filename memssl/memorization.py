@@ -7,6 +7,8 @@ __all__ = ['FEATURES', 'COMPARISONS', 'SHORT', 'pairwise_alignment', 'encode_var
            'add_normalisations', 'center_scores', 'set_tests']
 
 # %% ../nbs/08_memorization.ipynb #c004
+import sys
+
 import numpy as np
 import pandas as pd
 import torch
@@ -60,7 +62,7 @@ def alignment_scores(f:nn.Module, g:nn.Module,
     N, C, H, W = images.shape
     params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))   # all views drawn up front
     out = {v: ([], []) for v in features}
-    for i in tqdm(range(0, N, batch_size), desc='scoring', disable=not progress):
+    for i in tqdm(range(0, N, batch_size), desc='scoring', disable=not progress, mininterval=1 if sys.stderr.isatty() else 30):
         xb = images[i:i + batch_size].to(device)
         sl = slice(i * n_views, (i + len(xb)) * n_views)
         views = make_views(xb, n_views, view_config, params=slice_params(params, sl))   # (B, K, C, S, S)
