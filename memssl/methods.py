@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .augment import ViewConfig, augment
-from .models import Encoder
+from .models import Encoder, lightly_module
 
 # %% ../nbs/06_methods.ipynb #c005
 class SSLMethod(nn.Module):
@@ -29,9 +29,8 @@ class SimCLR(SSLMethod):
     name = 'simclr'
     def __init__(self, encoder_config, view_config, temperature:float=0.5):
         super().__init__(encoder_config, view_config)
-        from lightly.loss import NTXentLoss
         self.temperature = temperature
-        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.criterion = lightly_module('lightly.loss').NTXentLoss(temperature=temperature, gather_distributed=torch.distributed.is_available() and torch.distributed.is_initialized())
     def training_loss(self, images, gen):
         x1, x2 = augment(images, self.view_config, gen), augment(images, self.view_config, gen)   # (B, C, S, S) each
         z = self.encoder.forward_both(torch.cat([x1, x2]))[1]                                       # (2B, P)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .io import atomic_torch_save, atomic_write_json
-from .models import save_encoder, CheckpointError
+from .models import save_encoder, CheckpointError, lightly_module
 from .probe import extract_features, knn_accuracy
 
 # %% ../nbs/07_train.ipynb #c005
@@ -39,8 +39,7 @@ def make_optimizer(params, cfg:TrainConfig):
     if o == 'adamw': return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if o == 'sgd': return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if o == 'lars':
-        from lightly.utils.lars import LARS
-        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return lightly_module('lightly.utils.lars').LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam', 'adamw', 'sgd' or 'lars'")
 
 def lr_factor(step:int, total:int, warmup:int, schedule:str='cosine') -> float:
