@@ -65,7 +65,7 @@ def plot_tests(tests:pd.DataFrame, alpha:float=1e-3):
 def image_grid(images:torch.Tensor, titles:list, ncols:int=8, title:str|None=None, scale:float=1.1):
     "A labelled grid of uint8 images `(N, C, H, W)`."
     n = len(images); nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * 1.25), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * 1.45), squeeze=False)
     for i, a in enumerate(axs.flat):
         a.axis('off')
         if i >= n: continue
