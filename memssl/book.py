@@ -6,7 +6,7 @@
 __all__ = ['clean_library_notebook', 'prepare_library', 'expand_toc', 'build_book', 'main']
 
 # %% ../nbs/12_book.ipynb #c004
-import json, os, re, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from pathlib import Path
 
 import nbformat, yaml

@@ -6,7 +6,7 @@
 __all__ = ['default_notebook', 'run_id', 'load_grid', 'execute_run', 'tidy_stream', 'run_grid', 'main']
 
 # %% ../nbs/11_grid.ipynb #c004
-import argparse, itertools, re, shutil, sys, time, traceback
+import argparse, itertools, re, shutil, sys, time
 from pathlib import Path
 
 import yaml

@@ -6,7 +6,6 @@
 __all__ = ['extract_features', 'knn_accuracy', 'linear_probe', 'probe_encoder']
 
 # %% ../nbs/05_probe.ipynb #c004
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'RunError', 'validate_params', 'params_from
            'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary']
 
 # %% ../nbs/09_runs.ipynb #c004
-import hashlib, json, os, time, traceback
+import hashlib, json, time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -115,12 +116,12 @@ class Run:
         self.timings = {}
     def path(self, name) -> Path: return self.dir / name
     def __repr__(self): return f'Run({self.dir}, {self.params["dataset"]}/{self.params["method"]}/{self.params["backbone"]}, seed {self.params["seed"]})'
+    @contextmanager
     def timed(self, name):
-        run = self
-        class _T:
-            def __enter__(s): s.t = time.perf_counter()
-            def __exit__(s, *a): run.timings[name] = round(time.perf_counter() - s.t, 2)
-        return _T()
+        "Record the seconds a block takes in `timings[name]`."
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
 
 def set_status(run_dir, state:str, **info):
     "Write `status.json` (running, failed or complete) atomically."

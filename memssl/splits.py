@@ -7,8 +7,7 @@ __all__ = ['ROLES', 'REQUIRED', 'FORMAT', 'PRESETS', 'SplitError', 'Split', 'ran
            'get_split']
 
 # %% ../nbs/02_splits.ipynb #c004
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,7 +51,7 @@ class Split:
             n = self.n_test if (r == 'extra' and self.extra_from == 'test') else self.n_train
             where = 'test' if (r == 'extra' and self.extra_from == 'test') else 'train'
             if len(idx) == 0: continue
-            if n is None: raise SplitError(f'split has extra indices in the test split but no n_test')
+            if n is None: raise SplitError('split has extra indices in the test split but no n_test')
             if idx.min() < 0 or idx.max() >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
                 raise SplitError(f'{r!r} index {bad} is out of range for the {where} split of {n} points')

@@ -7,7 +7,7 @@ __all__ = ['TRAIN_FORMAT', 'TrainConfig', 'make_optimizer', 'lr_factor', 'EpochP
 
 # %% ../nbs/07_train.ipynb #c004
 import json, math, os, time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import torch
@@ -158,10 +158,10 @@ def _fit_job(job:dict, queue=None, threads:int|None=None) -> list:
     if threads: torch.set_num_threads(threads)
     m = build_method(job['method'], job['encoder_config'], ViewConfig(**job['view_config']), init_seed=job['init_seed'], **job.get('hparams', {}))
     parent = os.getppid()
-    def cb(e, t, r):
+    def report(e, t, r):
         if os.getppid() != parent: os._exit(3)        # the process that started us is gone: stop, never train on as an orphan
         queue.put((job['name'], e, t, r))
-    if queue is None: cb = None
+    cb = report if queue is not None else None
     return fit(m, job['images'], TrainConfig(**job['train_config']), job['out_dir'], device=job.get('device', 'cpu'),
                data_id=job.get('data_id', ''), knn=job.get('knn'), progress=queue is None, callback=cb, desc=job['name'])
 
