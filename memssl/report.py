@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ORDER', 'COLORS', 'LABELS', 'plot_score_hist', 'plot_alignment', 'plot_tests', 'image_grid', 'plot_extremes',
-           'plot_class_means', 'plot_probes', 'plot_history']
+           'plot_class_means', 'plot_probes', 'plot_history', 'plot_across_runs']
 
 # %% ../nbs/10_report.ipynb #c004
 import numpy as np
@@ -120,5 +120,23 @@ def plot_history(histories:dict):
         h = pd.DataFrame(h)
         ax.plot(h['epoch'], h['loss'], label=n)
     ax.set_xlabel('epoch'); ax.set_ylabel('training loss'); ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/10_report.ipynb #c006
+def plot_across_runs(runs:list, score:str='sslmem_centered'):
+    "Mean score per set (± standard error) for each run: does the ordering C > S ≈ E > I hold across runs?"
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(runs) + 1.6))
+    for i, r in enumerate(runs):
+        g = r.scores.groupby('split')[score]
+        m, se = g.mean(), g.sem()
+        for j, role in enumerate(ORDER):
+            if role in m: ax.errorbar(m[role], i + (j - 1.5) * 0.12, xerr=se[role], fmt='o', ms=4, color=COLORS[role],
+                                      label=LABELS[role] if i == 0 else None)
+    ax.axvline(0, color='k', lw=0.6)
+    ax.set_yticks(range(len(runs)), [r.name for r in runs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f'mean {score} per set (± s.e.)')
+    ax.legend(fontsize=7, frameon=False, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=4)
     fig.tight_layout()
     return fig
