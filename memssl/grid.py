@@ -99,7 +99,7 @@ def execute_run(notebook, params:dict, force:bool=False, echo:bool=True) -> str:
             log.write(f'\nFAILED after {time.perf_counter() - t0:.0f} s: {msg}\n')
             set_status(run_dir, 'failed', error=msg)
             return 'failed'
-        finally: _title_report(run_dir / 'report.ipynb', run_dir.name)
+        finally: _tidy_report(run_dir / 'report.ipynb', run_dir.name)
         log.write(f'\ncomplete in {time.perf_counter() - t0:.0f} s\n')
     return 'complete' if is_complete(run_dir) else 'failed'
 
@@ -110,7 +110,7 @@ def tidy_stream(text:str) -> str:
     text = _ANSI.sub('', text)
     return '\n'.join(l.rsplit('\r', 1)[-1] if '\r' in l.rstrip('\r') else l.rstrip('\r') for l in text.split('\n'))
 
-def _title_report(path:Path, name:str):
+def _tidy_report(path:Path, name:str):
     "Put the run id in the executed report's title, and merge its redrawn progress output into final lines."
     import nbformat
     from memssl.io import atomic_write_text

@@ -102,11 +102,11 @@ def add_normalisations(df:pd.DataFrame) -> pd.DataFrame:
     df['sslmem_ratio'] = np.where(den > 0, df['sslmem'] / den.where(den > 0, 1), 0.0)
     return df
 
-def center_scores(df:pd.DataFrame, on:str='shared', score:str='sslmem', split_col:str='split') -> pd.DataFrame:
-    "Add `<score>_centered`: the score minus its mean over the reference set `on`."
+def center_scores(df:pd.DataFrame, on:str='shared', score:str='sslmem', split_col:str='split', out:str|None=None) -> pd.DataFrame:
+    "Add column `out` (default `<score>_centered`): the score minus its mean over the reference set `on`."
     ref = df.loc[df[split_col] == on, score]
     if len(ref) == 0: raise ValueError(f'cannot centre on {on!r}: no scored points have {split_col} == {on!r}')
-    df[f'{score}_centered'] = df[score] - ref.mean()
+    df[out or f'{score}_centered'] = df[score] - ref.mean()
     return df
 
 # %% ../nbs/08_memorization.ipynb #c016

@@ -224,7 +224,7 @@ def score_run(run:Run, f:Encoder, g:Encoder, split:Split, train:ImageData, test:
     for v, df in res.items():
         df.insert(1, 'split', roles); df.insert(2, 'label', labels)
         center_scores(df, on='shared')
-        if (roles == 'extra').any(): df['sslmem_centered_extra'] = center_scores(df.copy(), on='extra')['sslmem_centered']
+        if (roles == 'extra').any(): center_scores(df, on='extra', out='sslmem_centered_extra')
     atomic_write_text(run.path('scores.csv'), res[p['score_features']].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
     return res
