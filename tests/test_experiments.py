@@ -87,3 +87,14 @@ def test_grid_command_rejects_unknown_parameter(tmp_path):
     assert r.returncode == 2
     assert "unknown parameters ['epoch']" in r.stderr
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('value, message', [('fashion-mnist', "unknown dataset 'fashion-mnist'"), ('npz:no/such.npz', 'no file at')])
+def test_dry_run_rejects_unknown_dataset(tmp_path, value, message):
+    "A misspelt dataset or a missing data file is refused by --dry-run, before anything runs."
+    (tmp_path / 'g.yml').write_text(f'runs_root: {tmp_path}/runs\ngrid: {{seed: [0]}}\n')
+    r = subprocess.run([str(Path(sys.executable).parent / 'memssl-grid'), str(tmp_path / 'g.yml'), '--dry-run', '--set', f'dataset={value}'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / 'runs').exists()
