@@ -51,7 +51,7 @@ REMOVAL_DEFAULTS = dict(
     batch_size=256,              # images per training step
     optimizer='adam',            # adam, adamw, sgd, lars
     lr=1e-3,                     # peak learning rate
-    weight_decay=0.0,            # for weights of rank >= 2
+    weight_decay=0.0,            # for weights of rank 2 or more
     warmup_epochs=0,             # linear warm-up epochs
     schedule='cosine',           # cosine (to 0) or constant after warm-up
     temperature=0.5,             # SimCLR NT-Xent temperature
@@ -72,8 +72,8 @@ REMOVAL_DEFAULTS = dict(
     knn_k=200,                   # neighbours of the kNN probe
     seed=0,                      # draw of the sets, canaries; score seeds are seed..seed+score_seeds-1, likewise retraining
     device='auto',               # 'auto' picks CUDA when present
-    parallel='auto',             # train encoders two at a time in CPU processes ('auto': on a CPU with >= 2 cores)
-    run_dir='runs/removal/default',
+    parallel='auto',             # train encoders two at a time in CPU processes ('auto': on a CPU with 2 or more cores)
+    run_dir='runs/removal/default',  # where this run's files go
 )
 REMOVAL_NON_RESULT = ('data_root', 'download', 'device', 'parallel', 'run_dir')
 
