@@ -58,15 +58,27 @@ def read_json(path, what='file'):
     except json.JSONDecodeError as e: raise ValueError(f'{what} {path} is not valid JSON (corrupted or truncated?): {e}') from None
 
 # %% ../nbs/01_io.ipynb #c011
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    return mps is not None and mps.is_available()
+
 def pick_device(device='auto') -> torch.device:
-    "Resolve `'auto'` to cuda, mps or cpu; check an explicit device exists."
+    "Resolve `'auto'` (or None) to cuda, mps or cpu; check that an explicit device exists."
     if device in (None, 'auto'):
         if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        if _mps_available(): return torch.device('mps')
         return torch.device('cpu')
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} asked for CUDA but torch sees no GPU; use device='auto' or 'cpu'")
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RuntimeError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r} asked for CUDA but torch sees no GPU; use device='auto' or 'cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise RuntimeError(f"device={device!r} asked for GPU {dev.index} but torch sees {n} GPU(s) (0 to {n - 1})")
+    if dev.type == 'mps' and not _mps_available():
+        raise RuntimeError(f"device={device!r} asked for Apple's MPS but torch does not see it; use device='auto' or 'cpu'")
     return dev
 
 def seed_everything(seed:int):

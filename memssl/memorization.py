@@ -95,7 +95,11 @@ def sslmem_scores(f:nn.Module, g:nn.Module,
 
 # %% ../nbs/08_memorization.ipynb #c010
 def add_normalisations(df:pd.DataFrame) -> pd.DataFrame:
-    "Add `sslmem_minmax` (raw / (max - min), as in the paper's code) and `sslmem_ratio` ((g - f) / (g + f), LayerMem)."
+    """Add `sslmem_minmax` (raw / (max - min) over the points of `df`, as in the paper authors' code) and `sslmem_ratio`
+    ((g - f) / (g + f) per point, LayerMem, in [-1, 1]). `sslmem_minmax` depends on which points are in `df`; its
+    max - min is exactly 1, and its values are in [-1, 1] only when the raw scores straddle 0 (min <= 0 <= max):
+    all positive (e.g. a global f/g offset) gives a largest value max / (max - min) > 1, all negative a smallest < -1.
+    All raw scores equal: 0."""
     rng = df['sslmem'].max() - df['sslmem'].min()
     df['sslmem_minmax'] = df['sslmem'] / rng if rng > 0 else 0.0
     den = df['align_f'] + df['align_g']
