@@ -42,7 +42,7 @@ class ViewConfig:
 
 def simclr_views(size:int,                 # image side
                  channels:int,             # 1 or 3
-                 crop_scale=(0.08, 1.0),   # smaller pools memorise more with weaker crops (PILOT.md)
+                 crop_scale=(0.08, 1.0),   # smaller pools memorise more with weaker crops (see Choosing the embedded default)
                  color_strength:float=1.0, # scales the (0.8, 0.8, 0.8, 0.2) jitter
                  mean=None, std=None) -> ViewConfig:
     "The paper's SimCLR pipeline adapted to an image size and channel count."
