@@ -28,7 +28,7 @@ from .methods import METHODS
 from .train import TrainConfig, fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
-from .runs import (RunError, Run, set_status, check_same_run, params_id, resolve_paths, check_dataset_name,
+from .runs import (RunError, Run, set_status, check_same_run, params_id, resolve_paths, check_dataset_name, check_training_params,
                          channel_stats, is_complete)
 from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
@@ -99,12 +99,8 @@ def validate_removal_params(params:dict) -> dict:
               'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'): _posint(p, k)
     for k in ('n_shared', 'n_extra', 'n_canaries', 'seed'): _posint(p, k, 0)
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
-    if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
     if p['n_extra'] < 2: raise RunError(f"n_extra must be >= 2: the extra set gives the null distribution of scores, got {p['n_extra']}")
     if p['n_pool'] < 2 * p['n_folds']: raise RunError(f"n_pool must be at least 2 x n_folds, got {p['n_pool']}")
-    if p['method'] not in METHODS: raise RunError(f"unknown method {p['method']!r}; known methods: {sorted(METHODS)}")
-    if p['backbone'] not in BACKBONES: raise RunError(f"unknown backbone {p['backbone']!r}; known backbones: {sorted(BACKBONES)}")
-    if p['score_features'] not in FEATURES: raise RunError(f"score_features must be one of {FEATURES}, got {p['score_features']!r}")
     if not isinstance(p['canary_kinds'], (list, tuple)) or any(k not in CANARY_KINDS for k in p['canary_kinds']):
         raise RunError(f"canary_kinds must be a list of {CANARY_KINDS}, got {p['canary_kinds']!r}")
     if not isinstance(p['fractions'], (list, tuple)) or not p['fractions']: raise RunError(f"fractions must be a non-empty list, got {p['fractions']!r}")
@@ -116,12 +112,7 @@ def validate_removal_params(params:dict) -> dict:
     if p['budget'] not in ('steps', 'epochs'): raise RunError(f"budget must be 'steps' or 'epochs', got {p['budget']!r}")
     if not isinstance(p['probe_datasets'], (list, tuple)): raise RunError(f"probe_datasets must be a list, got {p['probe_datasets']!r}")
     for d in p['probe_datasets']: check_dataset_name(d)
-    if not (0 < p['crop_scale_min'] <= 1): raise RunError(f"crop_scale_min must be in (0, 1], got {p['crop_scale_min']}")
-    if not p['lr'] > 0: raise RunError(f"lr must be > 0, got {p['lr']}")
-    if p['parallel'] not in ('auto', True, False): raise RunError(f"parallel must be 'auto', True or False, got {p['parallel']!r}")
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
+    check_training_params(p)
     return p
 
 # %% ../nbs/14_removal.ipynb #c009

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'NON_RESULT', 'RunError', 'resolve_dataset', 'resolve_paths', 'check_dataset_name', 'validate_params',
-           'params_from', 'result_params', 'params_diff', 'params_id', 'Run', 'set_status', 'check_same_run',
-           'start_run', 'load_run_data', 'make_run_split', 'channel_stats', 'run_view_config', 'run_encoder_config',
-           'train_encoders', 'load_encoders', 'score_points', 'score_run', 'available_tests', 'tests_all_variants',
-           'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary']
+           'check_training_params', 'params_from', 'result_params', 'params_diff', 'params_id', 'Run', 'set_status',
+           'check_same_run', 'start_run', 'load_run_data', 'make_run_split', 'channel_stats', 'run_view_config',
+           'run_encoder_config', 'train_encoders', 'load_encoders', 'score_points', 'score_run', 'available_tests',
+           'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary']
 
 # %% ../nbs/09_runs.ipynb #c004
 import hashlib, json, time
@@ -112,10 +112,15 @@ def validate_params(params:dict) -> dict:
               'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'):
         if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
     if not isinstance(p['n_extra'], int) or p['n_extra'] < 0: raise RunError(f"n_extra must be an integer >= 0, got {p['n_extra']!r}")
+    return check_training_params(p)
+
+def check_training_params(p:dict) -> dict:
+    "Checks shared by every experiment kind: views, method, backbone, features, optimisation, device and run directory."
     if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
     if p['method'] not in METHODS: raise RunError(f"unknown method {p['method']!r}; known methods: {sorted(METHODS)}")
     if p['backbone'] not in BACKBONES: raise RunError(f"unknown backbone {p['backbone']!r}; known backbones: {sorted(BACKBONES)}")
     if p['score_features'] not in FEATURES: raise RunError(f"score_features must be one of {FEATURES}, got {p['score_features']!r}")
+    if p['optimizer'] not in ('adam', 'adamw', 'sgd', 'lars'): raise RunError(f"optimizer must be adam, adamw, sgd or lars, got {p['optimizer']!r}")
     if not (0 < p['crop_scale_min'] <= 1): raise RunError(f"crop_scale_min must be in (0, 1], got {p['crop_scale_min']}")
     if not p['lr'] > 0: raise RunError(f"lr must be > 0, got {p['lr']}")
     if p['schedule'] not in ('cosine', 'constant'): raise RunError(f"schedule must be 'cosine' or 'constant', got {p['schedule']!r}")

