@@ -47,8 +47,8 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     if not path.is_file(): raise FileNotFoundError(f'no grid file at {path}')
     try: spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e: raise ValueError(f'grid file {path} is not valid YAML: {e}') from None
-    unknown = set(spec) - {'experiment', 'notebook', 'runs_root', 'base', 'grid', 'description'}
-    if unknown: raise ValueError(f'grid file {path} has unknown keys {sorted(unknown)}; use experiment, notebook, runs_root, base, grid, description')
+    unknown = set(spec) - {'experiment', 'name', 'notebook', 'runs_root', 'base', 'grid', 'description'}
+    if unknown: raise ValueError(f'grid file {path} has unknown keys {sorted(unknown)}; use experiment, name, notebook, runs_root, base, grid, description')
     kinds = experiments()
     kind = spec.get('experiment', 'sslmem')
     if kind not in kinds: raise ValueError(f'grid file {path} names experiment {kind!r}; known experiments: {sorted(kinds)}')
@@ -61,7 +61,7 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     keys = list(grid)
     for combo in itertools.product(*[grid[k] for k in keys]) if keys else [()]:
         p = {**base, **dict(zip(keys, combo)), **(overrides or {})}
-        rid = run_id(p, [k for k in keys if len(grid[k]) > 1], defaults)
+        rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(p, [k for k in keys if len(grid[k]) > 1], defaults)
         p['run_dir'] = str(root / rid)
         try: runs.append((rid, validate(p)))             # every run checked before any starts
         except RunError as e: raise RunError(f'run {rid}: {e}') from None

@@ -48,8 +48,9 @@ REMOVAL_DEFAULTS = dict(
     score_seeds=2,               # cross-fitting seeds averaged per point
     method='simclr',             # SSL method (memssl.methods.METHODS)
     backbone='small_cnn',        # memssl.models.BACKBONES
-    epochs=100,                  # epochs of the cross-fitting encoders and of the no-removal baseline
-    batch_size=256,              # images per training step
+    epochs=100,                  # epochs of the cross-fitting (scoring) encoders
+    retrain_epochs=None,         # epochs of the no-removal baseline (None: epochs); removals get as many steps (budget)
+    batch_size=128,              # images per training step (a fold of 500 points keeps 3 steps per epoch)
     optimizer='adam',            # adam, adamw, sgd, lars
     lr=1e-3,                     # peak learning rate
     weight_decay=0.0,            # for weights of rank 2 or more
@@ -98,6 +99,7 @@ def validate_removal_params(params:dict) -> dict:
     for k in ('n_pool', 'n_folds', 'score_seeds', 'retrain_seeds', 'epochs', 'batch_size', 'n_views',
               'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'): _posint(p, k)
     for k in ('n_shared', 'n_extra', 'n_canaries', 'seed'): _posint(p, k, 0)
+    if p['retrain_epochs'] is not None: _posint(p, 'retrain_epochs')
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
     if p['n_extra'] < 2: raise RunError(f"n_extra must be >= 2: the extra set gives the null distribution of scores, got {p['n_extra']}")
     if p['n_pool'] < 2 * p['n_folds']: raise RunError(f"n_pool must be at least 2 x n_folds, got {p['n_pool']}")
@@ -236,7 +238,7 @@ def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
             kept, removed = removal_sets(pool_scores if strat in ('top', 'bottom') else None, sets['pool'],
                                          None if strat == 'none' else x, strat, seed=sd, score='sslmem')
             train_idx = np.sort(np.concatenate([sets['shared'], kept]))
-            ep = retrain_budget(n_full, len(train_idx), p['epochs'], p['budget'])
+            ep = retrain_budget(n_full, len(train_idx), p['retrain_epochs'] or p['epochs'], p['budget'])
             jobs.append(dict(name=f'{strat}-{x:g}-s{sd}', strategy=strat, fraction=x, seed=sd, train_idx=train_idx,
                              n_removed=len(removed), removed_hash=index_hash(removed), epochs=ep))
     return jobs
