@@ -146,6 +146,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
                   train_config:TrainConfig,  # epochs, batch size, optimiser (its seed is replaced by `seed`)
                   out_dir,                   # checkpoints in seed{seed}/enc{j}, scores in scores_seed{seed}.csv
                   seed:int=0,                # partition, initialisation, data order, training and scoring views
+                  partition_seed:int|None=None,  # seed of the fold partition alone (None: `seed`); fixed, every seed trains on the same folds
                   n_folds:int=2,
                   n_views:int=16,            # K views per point for SSLMem
                   features=FEATURES,         # feature variants to score (see memssl.memorization.FEATURES)
@@ -166,7 +167,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
     tc = asdict(train_config) if isinstance(train_config, TrainConfig) else dict(asdict(TrainConfig(**train_config)))
     tc['seed'] = seed
     features = [features] if isinstance(features, str) else list(features)
-    plan = crossfit_plan(pool, shared, n_folds, seed)
+    plan = crossfit_plan(pool, shared, n_folds, seed if partition_seed is None else partition_seed)
     extra = _check_inputs(images, labels, plan.pool, plan.shared, extra, method, encoder_config, view_config, features, n_views)
     if fp is None: fp = fingerprint(images, labels if labels is not None else torch.zeros(len(images), dtype=torch.int64))
     hparams = dict(hparams or {})

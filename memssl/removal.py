@@ -46,6 +46,7 @@ REMOVAL_DEFAULTS = dict(
     n_canaries=4,                # canaries per kind, added to the pool for scoring only
     n_folds=2,                   # cross-fitting folds
     score_seeds=2,               # cross-fitting seeds averaged per point
+    fixed_partition=False,       # True: every score seed trains on the same folds (only initialisation, order and views vary)
     method='simclr',             # SSL method (memssl.methods.METHODS)
     backbone='small_cnn',        # memssl.models.BACKBONES
     epochs=100,                  # epochs of the cross-fitting (scoring) encoders
@@ -100,6 +101,7 @@ def validate_removal_params(params:dict) -> dict:
               'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'): _posint(p, k)
     for k in ('n_shared', 'n_extra', 'n_canaries', 'seed'): _posint(p, k, 0)
     if p['retrain_epochs'] is not None: _posint(p, 'retrain_epochs')
+    if not isinstance(p['fixed_partition'], bool): raise RunError(f"fixed_partition must be true or false, got {p['fixed_partition']!r}")
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
     if p['n_extra'] < 2: raise RunError(f"n_extra must be >= 2: the extra set gives the null distribution of scores, got {p['n_extra']}")
     if p['n_pool'] < 2 * p['n_folds']: raise RunError(f"n_pool must be at least 2 x n_folds, got {p['n_pool']}")
@@ -192,7 +194,7 @@ def score_pool(run:Run, data:dict) -> dict:
             per_seed.append(crossfit_seed(data['train'], pool, s['shared'], s['extra'], p['method'], data['encoder_config'],
                                           data['view_config'], _train_config(p), run.path('crossfit'), seed=sd, n_folds=p['n_folds'],
                                           n_views=p['n_views'], features=list(FEATURES), device=run.device, parallel=_parallel(p),
-                                          hparams=_hparams(p)))
+                                          hparams=_hparams(p), partition_seed=p['seed'] if p['fixed_partition'] else None))
     agg = aggregate_scores(per_seed)
     agg['canary'] = agg['idx'].isin(s['canaries'])
     kinds = dict(zip(s['canaries'].tolist(), data['canary_kinds'].tolist()))
