@@ -119,7 +119,7 @@ def validate_removal_params(params:dict) -> dict:
     check_training_params(p)
     return p
 
-# %% ../nbs/14_removal.ipynb #c009
+# %% ../nbs/14_removal.ipynb #c010
 def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     "Dataset indices of the pool (real points), shared, extra and canaries for a removal run."
     need = p['n_pool'] + p['n_shared'] + p['n_extra']
@@ -130,7 +130,7 @@ def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     return dict(shared=np.sort(perm[:a]), pool=np.sort(perm[a:b]), extra=np.sort(perm[b:b + p['n_extra']]),
                 canaries=np.arange(n_train, n_train + n_canaries, dtype=np.int64))
 
-# %% ../nbs/14_removal.ipynb #c012
+# %% ../nbs/14_removal.ipynb #c013
 def start_removal_run(params:dict) -> Run:
     "Validate, claim the run directory and record parameters and provenance."
     p = validate_removal_params(params)
@@ -181,7 +181,7 @@ def _hparams(p): return {'temperature': p['temperature']} if p['method'] == 'sim
 
 def _parallel(p): return None if p['parallel'] == 'auto' else p['parallel']
 
-# %% ../nbs/14_removal.ipynb #c013
+# %% ../nbs/14_removal.ipynb #c014
 def score_pool(run:Run, data:dict) -> dict:
     "Cross-fitted scores of every pool point and canary, per seed and averaged; writes `scores_seed*.csv`, `scores.csv`, `reliability.csv`."
     p, s = run.params, data['sets']
@@ -204,7 +204,7 @@ def score_pool(run:Run, data:dict) -> dict:
     atomic_write_text(run.path('reliability.csv'), rel.to_csv(index=False))
     return dict(per_seed=per_seed, scores=agg, reliability=rel)
 
-# %% ../nbs/14_removal.ipynb #c015
+# %% ../nbs/14_removal.ipynb #c016
 def canary_levers(per_seed:list, sets:dict, canary_kinds) -> pd.DataFrame:
     "Canary AUROC per kind for every feature variant, score normalisation and number of seeds averaged."
     rows = []
@@ -228,7 +228,7 @@ def memorised_summary(scores:pd.DataFrame, sets:dict, features:str, q:float=0.95
     thr = memorised_threshold(null, q)
     return dict(features=features, q=q, threshold=thr, **fraction_memorised(pool, thr, q))
 
-# %% ../nbs/14_removal.ipynb #c017
+# %% ../nbs/14_removal.ipynb #c018
 def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
     "One job per retraining: the no-removal baseline and each (fraction, strategy) for each retraining seed."
     n_full = len(sets['shared']) + len(sets['pool'])
@@ -245,7 +245,7 @@ def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
                              n_removed=len(removed), removed_hash=index_hash(removed), epochs=ep))
     return jobs
 
-# %% ../nbs/14_removal.ipynb #c018
+# %% ../nbs/14_removal.ipynb #c019
 def _match_channels(images:torch.Tensor, c:int) -> torch.Tensor:
     "Grey images for an RGB encoder (repeated) or RGB images for a grey one (channel mean), as uint8."
     if images.shape[1] == c: return images
@@ -308,7 +308,7 @@ def retrain_and_probe(run:Run, data:dict, jobs:list) -> pd.DataFrame:
     atomic_write_text(run.path('removal.csv'), df.to_csv(index=False))
     return df
 
-# %% ../nbs/14_removal.ipynb #c020
+# %% ../nbs/14_removal.ipynb #c021
 def paired_tests(removal:pd.DataFrame, a:str='top', b:str='random', alternative:str='less') -> pd.DataFrame:
     "Paired one-sided t tests of strategy `a` against `b` per fraction, task and probe, with the minimum detectable difference."
     rows = []
@@ -332,7 +332,7 @@ def paired_tests(removal:pd.DataFrame, a:str='top', b:str='random', alternative:
             rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/14_removal.ipynb #c023
+# %% ../nbs/14_removal.ipynb #c024
 def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.DataFrame:
     "Correlations of the pool's mean scores with atypicality in the baseline encoder's features and in pixels."
     p, s = run.params, data['sets']
@@ -353,7 +353,7 @@ def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.
     atomic_write_text(run.path('atypicality.csv'), both.to_csv(index=False))
     return tab
 
-# %% ../nbs/14_removal.ipynb #c024
+# %% ../nbs/14_removal.ipynb #c025
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, 'item') else v)) for k, v in r.items()}
             for r in df.to_dict('records')]
@@ -371,7 +371,7 @@ def finish_removal_run(run:Run, sc:dict, levers:pd.DataFrame, canaries:pd.DataFr
     set_status(run.dir, 'complete', timings=run.timings)
     return m
 
-# %% ../nbs/14_removal.ipynb #c026
+# %% ../nbs/14_removal.ipynb #c027
 import matplotlib.pyplot as plt
 
 STRAT_COLORS = {'top': '#c0392b', 'random': '#7f8c8d', 'bottom': '#2471a3', 'none': 'k'}
@@ -446,7 +446,7 @@ def plot_atypicality(atyp:pd.DataFrame):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #c027
+# %% ../nbs/14_removal.ipynb #c028
 def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, score:str='sslmem'):
     "Per class (rows): its `n` most memorised points (left) and `n` least memorised (right), with their scores."
     labels = sorted(scores['label'].unique())
@@ -467,7 +467,7 @@ def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, s
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #c031
+# %% ../nbs/14_removal.ipynb #c032
 class RemovalResult:
     "The files of a complete removal run (or a recorded copy of its summary files), loaded."
     def __init__(self, run_dir):
