@@ -10,6 +10,7 @@ from memssl.book import build_book
 from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
 from memssl.runs import validate_params
+from memssl.removal import validate_removal_params
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -55,11 +56,17 @@ def book(tmp_path_factory):
                              batch_size=32, n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10,
                              device='cpu', parallel=False, run_dir=str(root / 'runs' / 'tiny')))
     assert execute_run(root / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
+    q = validate_removal_params(dict(dataset=f'npz:{npz}', probe_datasets=[f'npz:{npz}'], n_pool=60, n_extra=20, n_canaries=2,
+                                     epochs=2, batch_size=32, n_views=4, score_seeds=2, fractions=[0.25], retrain_seeds=2,
+                                     n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu', parallel=False,
+                                     run_dir=str(root / 'runs' / 'removal' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'removal.ipynb', q, echo=False) == 'complete'
     html = build_book(root, strict=True)          # raises on any Sphinx warning or notebook error
     return root, html
 
 
-PAGES = ['intro.html', 'book/results.html', 'book/calibration.html', 'runs/tiny/report.html',
+PAGES = ['intro.html', 'book/results.html', 'book/calibration.html', 'runs/tiny/report.html', 'book/generalisation.html',
+         'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
 
 
@@ -73,6 +80,7 @@ def test_page_exists_without_errors_or_nbdev_noise(book, page):
 
 
 @pytest.mark.parametrize('page, min_figures', [('book/results.html', 5), ('runs/tiny/report.html', 6), ('intro.html', 2),
+                                               ('book/generalisation.html', 6), ('runs/removal/tiny/report.html', 8),
                                                ('book/library/03_augment.html', 1)])
 def test_figures_are_real_images(book, page, min_figures):
     root, html = book
@@ -125,3 +133,14 @@ def test_formulas_are_typeset_offline(book, tmp_path):
     assert dom.count('<mjx-container') >= 3, 'MathJax did not typeset the formulas'
     assert 'display="true"' in dom, 'the display formulas were not typeset'
     assert not re.search(r'nohighlight">\s*\\[(\[]', dom), 'raw TeX left on the page'
+
+
+def test_claims_page_reads_the_runs(book):
+    "Each claim of the paper sits next to numbers read from the runs, and says whether it agrees."
+    root, html = book
+    text = (html / 'book/claims.html').read_text()
+    assert 'tiny' in text                                   # the removal run's name, read from its files
+    for claim in ('1. A significant fraction', '2. Candidates score higher', '3. The most memorised', '4. Removing the most memorised'):
+        assert claim in text, claim
+    assert 'not available: needs &gt;= 2 retraining seeds' not in text    # two retraining seeds: the test ran
+    assert 'p ' in text and 'detectable' in text
