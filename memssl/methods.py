@@ -4,17 +4,18 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'SSLMethod', 'SimCLR', 'build_method', 'proj_dim', 'momentum_copy', 'ema_momentum', 'ema_update', 'BYOL',
-           'SimSiam', 'VICReg', 'BarlowTwins', 'Prototypes', 'DINO']
+           'SimSiam', 'VICReg', 'BarlowTwins', 'Prototypes', 'DINO', 'mae_views', 'mae_n_visible', 'mae_masks',
+           'visible_index', 'MAE']
 
 # %% ../nbs/06_methods.ipynb #c004
-import copy, dataclasses
+import copy, dataclasses, warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import ViewConfig, augment
-from .models import Encoder, lightly_module
+from .augment import ViewConfig, augment, simclr_views
+from .models import Encoder, lightly_module, takes_patch_size
 
 # %% ../nbs/06_methods.ipynb #c005
 class SSLMethod(nn.Module):
@@ -202,3 +203,79 @@ class DINO(SSLMethod):
                     local_scale=self.local_scale)
 
 METHODS['dino'] = DINO
+
+# %% ../nbs/06_methods.ipynb #c038
+def mae_views(size:int, channels:int, crop_scale=(0.2, 1.0), mean=None, std=None) -> ViewConfig:
+    "MAE's training views: random resized crop (area 0.2 to 1) and horizontal flip, no colour jitter or greyscale."
+    return dataclasses.replace(simclr_views(size, channels, crop_scale, color_strength=0.0, mean=mean, std=std), jitter_p=0.0, gray_p=0.0)
+
+def mae_n_visible(n_patches:int, ratio:float) -> int:
+    "Patches left visible when `ratio` of `n_patches` are masked: `int(n_patches * (1 - ratio))` as in MAE's code, kept in [1, n_patches - 1]."
+    if not 0 < ratio < 1: raise ValueError(f'mask ratio must be in (0, 1), got {ratio}')
+    return min(n_patches - 1, max(1, int(n_patches * (1 - ratio))))
+
+def mae_masks(n:int, n_patches:int, ratio:float, gen:torch.Generator) -> torch.Tensor:
+    "`n` random MAE masks `(n, n_patches)`, True where a patch is hidden, drawn on the CPU from `gen`."
+    order = torch.rand(n, n_patches, generator=gen).argsort(1)                      # (n, L): a random permutation per row
+    keep = order[:, :mae_n_visible(n_patches, ratio)]                               # (n, K)
+    return torch.ones(n, n_patches, dtype=torch.bool).scatter_(1, keep, False)      # (n, L)
+
+def visible_index(mask:torch.Tensor) -> torch.Tensor:
+    "Indices `(B, K)` of the visible patches of masks `(B, L)` that all leave `K` visible, ascending."
+    return (~mask).nonzero()[:, 1].view(len(mask), -1)
+
+# %% ../nbs/06_methods.ipynb #c041
+class MAE(SSLMethod):
+    "MAE: a ViT encodes a random quarter of the patches; a light decoder reconstructs the hidden ones' normalised pixels."
+    name = 'mae'
+    def __init__(self, encoder_config, view_config, mask_ratio:float=0.75, decoder_dim:int=128, decoder_depth:int=4,
+                 decoder_heads:int=4, norm_pix_loss:bool=True):
+        if not takes_patch_size(encoder_config['backbone']):
+            raise ValueError(f"MAE needs a ViT backbone (vit_tiny, vit_small, vit_base), got {encoder_config['backbone']!r}")
+        super().__init__(encoder_config, view_config)
+        vit, mods = self.encoder.backbone, lightly_module('lightly.models.modules')
+        self.patch_size, self.n_patches = vit.patch_embed.patch_size[0], vit.patch_embed.num_patches
+        if view_config.size != self.encoder.config['image_size'] or view_config.size % self.patch_size:
+            raise ValueError(f"MAE needs views of the encoder's image size ({self.encoder.config['image_size']} px), "
+                             f"a multiple of the patch size {self.patch_size}; got {view_config.size} px views")
+        if self.encoder.config['projector']['kind'] != 'none':
+            warnings.warn("MAE trains no projector: build its encoder with projector='none' (SSLMem's projector features are then the class token)")
+        mods.MaskedVisionTransformerTIMM(vit=vit)      # its constructor initialises `vit` in place the MAE way; the wrapper is not kept
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
+        self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
+        self.decoder = mods.MaskedVisionTransformerDecoderTIMM(num_patches=self.n_patches, embed_dim=decoder_dim, depth=decoder_depth,
+                                                               num_heads=decoder_heads, num_prefix_tokens=1)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * vit.patch_embed.proj.in_channels)
+        init = lightly_module('lightly.models.modules.masked_vision_transformer_timm').init_weights   # xavier-uniform, zero bias
+        self.decoder_embed.apply(init); self.decoder_pred.apply(init)
+    def encode_visible(self, x, keep):
+        "Encoder output tokens `(B, 1 + K, D)`, class token first, of images `x` seeing only the patches `keep` `(B, K)`."
+        vit, U = self.encoder.backbone, lightly_module('lightly.models.utils')
+        t = vit.patch_embed(x)                                                            # (B, L, D)
+        t = vit.pos_drop(torch.cat([vit.cls_token.expand(len(t), -1, -1), t], 1) + vit.pos_embed)   # (B, 1 + L, D)
+        t = U.get_at_index(t, F.pad(keep + 1, (1, 0)))                                   # (B, 1 + K, D): class token, visible patches
+        return vit.norm(vit.blocks(vit.norm_pre(t)))                                      # (B, 1 + K, D)
+    def reconstruct(self, x, mask):
+        "Predicted pixels `(B, L, p*p*C)` of every patch of images `x`, from the patches `mask` `(B, L)` leaves visible."
+        U = lightly_module('lightly.models.utils')
+        B, L = mask.shape
+        keep = visible_index(mask)                                                        # (B, K)
+        h = self.decoder_embed(self.encode_visible(x, keep))                              # (B, 1 + K, Dd)
+        t = U.repeat_token(self.decoder.mask_token, (B, 1 + L))                           # (B, 1 + L, Dd): mask tokens
+        t = U.set_at_index(t, F.pad(keep + 1, (1, 0)), h)                                 # class token and visible patches in place
+        return self.decoder_pred(self.decoder(t)[:, 1:])                                  # (B, L, p*p*C)
+    def loss_on(self, pred, patches, mask):
+        "Mean squared error over the hidden patches (`mask` `(B, L)`) between `pred` and the per-patch normalised `patches` `(B, L, P)`."
+        if self.norm_pix_loss: patches = lightly_module('lightly.models.utils').normalize_mean_var(patches, dim=-1)
+        return ((pred - patches) ** 2).mean(-1)[mask].mean()
+    def training_loss(self, images, gen):
+        x = augment(images, self.view_config, gen)                                        # (B, C, S, S)
+        mask = mae_masks(len(x), self.n_patches, self.mask_ratio, gen).to(x.device)       # (B, L)
+        patches = lightly_module('lightly.models.utils').patchify(x, self.patch_size)     # (B, L, p*p*C)
+        return self.loss_on(self.reconstruct(x, mask), patches, mask)
+    def hparams(self):
+        return dict(mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                    decoder_heads=self.decoder_heads, norm_pix_loss=self.norm_pix_loss)
+
+METHODS['mae'] = MAE
