@@ -6,9 +6,9 @@
 __all__ = ['REMOVAL_DEFAULTS', 'REMOVAL_NON_RESULT', 'STRAT_COLORS', 'RECORD_FILES', 'removal_params_from',
            'validate_removal_params', 'removal_sets_of', 'start_removal_run', 'load_removal_data', 'score_pool',
            'canary_levers', 'memorised_summary', 'removal_plan', 'probe_all', 'retrain_and_probe', 'paired_tests',
-           'atypicality_table', 'finish_removal_run', 'plot_removal', 'plot_canary_levers', 'plot_pool_vs_null',
-           'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult', 'list_removal_runs',
-           'record_run']
+           'seeds_needed', 'holm', 'atypicality_table', 'finish_removal_run', 'plot_removal', 'plot_canary_levers',
+           'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult',
+           'list_removal_runs', 'record_run']
 
 # %% ../nbs/14_removal.ipynb #c004
 import json, os, time
@@ -324,13 +324,30 @@ def paired_tests(removal:pd.DataFrame, a:str='top', b:str='random', alternative:
                 sd = d.std(ddof=1)
                 t = stats.ttest_1samp(d, 0.0, alternative=alternative)
                 mde = (stats.t.ppf(0.95, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
-                row.update(sd_diff=sd, t=t.statistic, p=t.pvalue, min_detectable=mde,
-                           seeds_for_1pt=int(np.ceil(((1.645 + 0.842) * sd / 0.01) ** 2)), note='')
+                row.update(sd_diff=sd, t=t.statistic, p=t.pvalue, min_detectable=mde, seeds_for_1pt=seeds_needed(sd, 0.01), note='')
             else:
                 row.update(sd_diff=np.nan, t=np.nan, p=np.nan, min_detectable=np.nan, seeds_for_1pt=np.nan,
                            note='not available: needs >= 2 retraining seeds' if n < 2 else 'not available: no spread')
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if len(df) and 'p' in df: df.insert(df.columns.get_loc('p') + 1, 'p_holm', holm(df['p'].to_numpy(dtype=float)))
+    return df
+
+def seeds_needed(sd:float, delta:float, alpha:float=0.05, power:float=0.8, max_n:int=1000) -> int:
+    "Smallest number of paired seeds whose one-sided t test detects a drop of `delta` with `power`, given the s.d. `sd` of the differences."
+    for n in range(2, max_n + 1):
+        if (stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * sd / np.sqrt(n) <= delta: return n
+    return max_n
+
+def holm(p:np.ndarray) -> np.ndarray:
+    "Holm's step-down adjustment of p-values for the family of tests in one table (NaN stays NaN)."
+    p = np.asarray(p, dtype=float); out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p)); m = len(ok)
+    order = ok[np.argsort(p[ok])]
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j])); out[j] = running
+    return out
 
 # %% ../nbs/14_removal.ipynb #c024
 def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.DataFrame:
