@@ -522,13 +522,13 @@ def list_removal_runs(*roots) -> list:
 
 RECORD_FILES = ('params.json', 'metrics.json', 'sets.json', 'scores.csv', 'removal.csv', 'reliability.csv', 'atypicality.csv')
 
-def record_run(run_dir, dest, command:str) -> Path:
-    "Copy a complete removal run's small summary files (never checkpoints) to `dest`, with the commit and the command that made it."
+def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
+    "Copy a complete removal run's small summary files (never checkpoints) to `dest`, with the commit, the command and its timings (default: from metrics.json)."
     r = RemovalResult(run_dir)
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     for f in RECORD_FILES:
         if (r.dir / f).is_file(): atomic_write_text(dest / f, (r.dir / f).read_text())
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   timings=r.metrics.get('timings')))
+                                                   timings=timings or r.metrics.get('timings')))
     return dest
