@@ -100,7 +100,7 @@ def read_scores(path) -> pd.DataFrame:
     "A scores table written by `crossfit_seed`, floats read back exactly."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'no scores table at {path}')
-    return pd.read_csv(path, float_precision='round_trip', dtype={'role': str, 'features': str})
+    return pd.read_csv(path, dtype={'role': str, 'features': str})
 
 def load_seed_scores(out_dir, seed:int) -> tuple:
     "`(scores, record)` of one seed written by `crossfit_seed`."
