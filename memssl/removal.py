@@ -22,14 +22,12 @@ from scipy import stats
 
 from .io import atomic_write_json, atomic_write_text, read_json, pick_device, package_versions, git_commit
 from .data import load_dataset, ImageData
-from .augment import simclr_views, ViewConfig
-from .models import encoder_config, load_encoder, Encoder, BACKBONES
-from .methods import METHODS
-from .train import TrainConfig, fit_many
+from .models import load_encoder, Encoder
+from .train import fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
 from .runs import (RunError, Run, set_status, check_same_run, params_id, resolve_paths, check_dataset_name, check_training_params,
-                         channel_stats, is_complete)
+                         is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
                              atypicality, atypicality_correlation, CANARY_KINDS, STRATEGIES, index_hash)
@@ -161,9 +159,7 @@ def load_removal_data(run:Run) -> dict:
             te = load_dataset(name, p['data_root'], 'test', download=p['download'])
             tasks[name] = (tr, te)
     C, H, W = base.images.shape[1:]
-    mean, std = channel_stats(base.images[:20000])
-    vc = simclr_views(H, C, crop_scale=(p['crop_scale_min'], 1.0), color_strength=p['color_strength'], mean=mean, std=std)
-    ec = encoder_config(p['backbone'], C, H, proj_hidden=p['proj_hidden'], proj_out=p['proj_out'])
+    vc, ec = run_view_config(run, base), run_encoder_config(run, base)     # views normalised on the real images, not the canaries
     atomic_write_json(run.path('sets.json'), dict(dataset=base.name, fingerprint=base.fingerprint, fingerprint_with_canaries=train.fingerprint,
                                                   n_train=len(base), **{k: v.tolist() for k, v in sets.items()},
                                                   canary_kinds=[str(k) for k in ckinds]))
@@ -171,15 +167,6 @@ def load_removal_data(run:Run) -> dict:
     d['dataset'] = dict(name=base.name, fingerprint=base.fingerprint, n_train=len(base), shape=[C, H, W], classes=base.classes)
     atomic_write_json(run.path('params.json'), d)
     return dict(base=base, train=train, sets=sets, canary_kinds=ckinds, tasks=tasks, view_config=vc, encoder_config=ec)
-
-def _train_config(p:dict, epochs:int|None=None, seed:int|None=None) -> TrainConfig:
-    return TrainConfig(epochs=epochs or p['epochs'], batch_size=p['batch_size'], optimizer=p['optimizer'], lr=p['lr'],
-                       weight_decay=p['weight_decay'], warmup_epochs=p['warmup_epochs'], schedule=p['schedule'],
-                       seed=p['seed'] if seed is None else seed)
-
-def _hparams(p): return {'temperature': p['temperature']} if p['method'] == 'simclr' else {}
-
-def _parallel(p): return None if p['parallel'] == 'auto' else p['parallel']
 
 # %% ../nbs/14_removal.ipynb #c014
 def score_pool(run:Run, data:dict) -> dict:
@@ -192,9 +179,9 @@ def score_pool(run:Run, data:dict) -> dict:
             sd = p['seed'] + i
             print(f"cross-fitting seed {sd} ({i + 1}/{p['score_seeds']}): {p['n_folds']} encoders on {len(pool)} pool points", flush=True)
             per_seed.append(crossfit_seed(data['train'], pool, s['shared'], s['extra'], p['method'], data['encoder_config'],
-                                          data['view_config'], _train_config(p), run.path('crossfit'), seed=sd, n_folds=p['n_folds'],
-                                          n_views=p['n_views'], features=list(FEATURES), device=run.device, parallel=_parallel(p),
-                                          hparams=_hparams(p), partition_seed=p['seed'] if p['fixed_partition'] else None))
+                                          data['view_config'], run_train_config(p), run.path('crossfit'), seed=sd, n_folds=p['n_folds'],
+                                          n_views=p['n_views'], features=list(FEATURES), device=run.device, parallel=parallel_of(p),
+                                          hparams=method_hparams(p), partition_seed=p['seed'] if p['fixed_partition'] else None))
     agg = aggregate_scores(per_seed)
     agg['canary'] = agg['idx'].isin(s['canaries'])
     kinds = dict(zip(s['canaries'].tolist(), data['canary_kinds'].tolist()))
@@ -280,20 +267,19 @@ def retrain_and_probe(run:Run, data:dict, jobs:list) -> pd.DataFrame:
     p = run.params
     todo = [j for j in jobs if not run.path(f"removal/{j['name']}/probe.json").is_file()]
     fits = [dict(name=j['name'], method=p['method'], encoder_config=data['encoder_config'], view_config=data['view_config'].to_dict(),
-                 init_seed=j['seed'], hparams=_hparams(p), images=data['train'].images[torch.as_tensor(j['train_idx'])],
-                 train_config=asdict(_train_config(p, j['epochs'], j['seed'])), out_dir=run.path(f"removal/{j['name']}"),
+                 init_seed=j['seed'], hparams=method_hparams(p), images=data['train'].images[torch.as_tensor(j['train_idx'])],
+                 train_config=asdict(run_train_config(p, j['epochs'], j['seed'])), out_dir=run.path(f"removal/{j['name']}"),
                  device=str(run.device), data_id=f"{data['base'].fingerprint}:removal-{j['name']}:{index_hash(j['train_idx'])}")
             for j in todo]
     on_cpu = run.device.type == 'cpu'
-    width = max(1, min(2, os.cpu_count() or 1)) if (on_cpu and _parallel(p) is not False) else 1
+    width = max(1, min(2, os.cpu_count() or 1)) if (on_cpu and parallel_of(p) is not False) else 1
     points = _probe_points(p, data['tasks'])
     with run.timed('retrain'):
         for i in range(0, len(fits), width):
-            chunk = fits[i:i + width]
-            print(f"retraining {', '.join(f['name'] for f in chunk)} ({i + len(chunk)}/{len(fits)} to do)", flush=True)
-            fit_many(chunk, parallel=len(chunk) > 1)
-            for f in chunk:
-                j = next(j for j in todo if j['name'] == f['name'])
+            chunk = list(zip(todo[i:i + width], fits[i:i + width]))
+            print(f"retraining {', '.join(f['name'] for _, f in chunk)} ({i + len(chunk)}/{len(fits)} to do)", flush=True)
+            fit_many([f for _, f in chunk], parallel=len(chunk) > 1)
+            for j, f in chunk:
                 enc = load_encoder(Path(f['out_dir']) / 'encoder.pt', map_location=run.device)
                 rows = probe_all(run, enc, data, points, j['seed'])
                 atomic_write_json(Path(f['out_dir']) / 'probe.json', dict(job={k: v for k, v in j.items() if k != 'train_idx'},

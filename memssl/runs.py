@@ -6,8 +6,9 @@
 __all__ = ['DEFAULTS', 'NON_RESULT', 'RunError', 'resolve_dataset', 'resolve_paths', 'check_dataset_name', 'validate_params',
            'check_training_params', 'params_from', 'result_params', 'params_diff', 'params_id', 'Run', 'set_status',
            'check_same_run', 'start_run', 'load_run_data', 'make_run_split', 'channel_stats', 'run_view_config',
-           'run_encoder_config', 'train_encoders', 'load_encoders', 'score_points', 'score_run', 'available_tests',
-           'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary']
+           'run_encoder_config', 'run_train_config', 'method_hparams', 'parallel_of', 'train_encoders', 'load_encoders',
+           'score_points', 'score_run', 'available_tests', 'tests_all_variants', 'probe_run', 'finish_run',
+           'is_complete', 'RunResult', 'list_runs', 'run_summary']
 
 # %% ../nbs/09_runs.ipynb #c004
 import hashlib, json, time
@@ -230,20 +231,31 @@ def run_encoder_config(run:Run, train:ImageData) -> dict:
     C, H, W = train.images.shape[1:]
     return encoder_config(run.params['backbone'], C, H, proj_hidden=run.params['proj_hidden'], proj_out=run.params['proj_out'])
 
+def run_train_config(p:dict, epochs:int|None=None, seed:int|None=None) -> TrainConfig:
+    "The optimisation settings of a run's parameters (`epochs` and `seed` may be overridden, e.g. for retraining)."
+    return TrainConfig(epochs=epochs or p['epochs'], batch_size=p['batch_size'], optimizer=p['optimizer'], lr=p['lr'],
+                       weight_decay=p['weight_decay'], warmup_epochs=p['warmup_epochs'], schedule=p['schedule'],
+                       seed=p['seed'] if seed is None else seed, knn_every=p.get('knn_every', 0))
+
+def method_hparams(p:dict) -> dict:
+    "The method hyper-parameters a run's parameters set (SimCLR's temperature; other methods use their defaults)."
+    return {'temperature': p['temperature']} if p['method'] == 'simclr' else {}
+
+def parallel_of(p:dict):
+    "`fit_many`'s `parallel` from a run's `parallel` parameter ('auto': let it decide)."
+    return None if p['parallel'] == 'auto' else p['parallel']
+
 def train_encoders(run:Run, train:ImageData, split:Split, vc:ViewConfig, knn=None) -> dict:
     "Train f on shared + candidates and g on shared + independent (same seeds); returns their histories."
     p = run.params
     ec = run_encoder_config(run, train)
-    tc = asdict(TrainConfig(epochs=p['epochs'], batch_size=p['batch_size'], optimizer=p['optimizer'], lr=p['lr'],
-                            weight_decay=p['weight_decay'], warmup_epochs=p['warmup_epochs'], schedule=p['schedule'], seed=p['seed'], knn_every=p['knn_every']))
-    hp = {'temperature': p['temperature']} if p['method'] == 'simclr' else {}
-    jobs = [dict(name=name, method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=p['seed'], hparams=hp,
+    tc = asdict(run_train_config(p))
+    jobs = [dict(name=name, method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=p['seed'], hparams=method_hparams(p),
                  images=train.images[idx], train_config=tc, out_dir=run.path(f'ckpt/{name}'), device=str(run.device),
                  data_id=f'{train.fingerprint}:{name}:{hashlib.sha256(np.asarray(idx).tobytes()).hexdigest()[:12]}', knn=knn)
             for name, idx in (('f', split.train_f()), ('g', split.train_g()))]
-    parallel = None if p['parallel'] == 'auto' else p['parallel']
     with run.timed('train'):
-        return fit_many(jobs, parallel=parallel)
+        return fit_many(jobs, parallel=parallel_of(p))
 
 def load_encoders(run:Run):
     "The trained f and g of a run."
