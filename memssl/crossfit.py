@@ -26,7 +26,7 @@ from .data import ImageData, fingerprint
 from .augment import ViewConfig
 from .models import load_encoder
 from .methods import METHODS
-from .train import TrainConfig, fit_many
+from .train import TrainConfig, fit_many, changed_keys
 from .memorization import sslmem_scores, FEATURES
 
 # %% ../nbs/13_crossfit.ipynb #c005
@@ -109,9 +109,6 @@ def load_seed_scores(out_dir, seed:int) -> tuple:
 
 def _jsonable(o): return json.loads(json.dumps(o, default=lambda v: v.tolist() if hasattr(v, 'tolist') else str(v)))
 
-def _diff(a:dict, b:dict) -> list:
-    return sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
-
 # %% ../nbs/13_crossfit.ipynb #c013
 def _check_inputs(images, labels, pool, shared, extra, method, encoder_config, view_config, features, n_views):
     "Validate everything `crossfit_seed` is given before anything is trained or written."
@@ -181,7 +178,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
     if csv_path.exists() and meta_path.exists():
         old = read_json(meta_path, 'crossfit scores record')
         if old != record:
-            raise CrossfitError(f'{meta_path} records scores of another experiment (differs in {_diff(old, record)}); '
+            raise CrossfitError(f'{meta_path} records scores of another experiment (differs in {changed_keys(old, record)}); '
                                 'use another out_dir, or delete its scores and checkpoints to start over')
         df = read_scores(csv_path)
         got = {r: np.sort(df.loc[(df.role == r) & (df.features == features[0]), 'idx'].unique()) for r in ROLE_ORDER}

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRAIN_FORMAT', 'TrainConfig', 'param_groups', 'make_optimizer', 'lr_factor', 'EpochProgress', 'run_signature',
-           'cpu_rng_state', 'fit', 'fit_many']
+           'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
 
 # %% ../nbs/07_train.ipynb #c004
 import json, math, os, time
@@ -96,7 +96,8 @@ def cpu_rng_state(state:torch.Tensor) -> torch.Tensor:
     "A generator state as `torch.Generator.set_state` needs it (a CPU byte tensor), wherever a load put it."
     return state.to('cpu', torch.uint8)
 
-def _diff(a:dict, b:dict) -> list:
+def changed_keys(a:dict, b:dict) -> list:
+    "The keys whose values differ between two JSON-like records, sorted."
     return sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
 
 def fit(method,                        # an `SSLMethod`
@@ -132,7 +133,7 @@ def fit(method,                        # an `SSLMethod`
             raise CheckpointError(f"{ckpt} was written in format {st.get('format')!r}, this memssl reads {TRAIN_FORMAT!r}; delete it to start over")
         old = json.loads(st['signature'])
         if old != json.loads(json.dumps(sig)):
-            raise CheckpointError(f'{out} holds a checkpoint of a different training run (differs in {_diff(old, sig)}); '
+            raise CheckpointError(f'{out} holds a checkpoint of a different training run (differs in {changed_keys(old, sig)}); '
                                   'use another directory, or delete it to start over')
         method.load_state_dict(st['method']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         gen.set_state(cpu_rng_state(st['gen'])); history = json.loads(st['history']); start = st['epoch']
