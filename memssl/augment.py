@@ -28,6 +28,7 @@ class ViewConfig:
     gray_p: float = 0.2                     # RandomGrayscale probability (RGB only)
     mean: tuple = (0.5, 0.5, 0.5)           # per-channel mean for normalisation
     std: tuple = (0.5, 0.5, 0.5)            # per-channel std for normalisation
+    mask_ratio: float = 0.0                 # fraction of ViT patches hidden in each view (MAE); 0: none
 
     def __post_init__(self):
         self.crop_scale, self.crop_ratio, self.jitter = tuple(self.crop_scale), tuple(self.crop_ratio), tuple(self.jitter)
@@ -37,6 +38,7 @@ class ViewConfig:
             raise ValueError(f'mean/std need {self.channels} values, got {self.mean} / {self.std}')
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1): raise ValueError(f'crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}')
+        if not 0 <= self.mask_ratio < 1: raise ValueError(f'mask_ratio must be in [0, 1), got {self.mask_ratio}')
 
     def to_dict(self): return asdict(self)
 

@@ -27,7 +27,7 @@ from .augment import ViewConfig
 from .models import load_encoder
 from .methods import METHODS
 from .train import TrainConfig, fit_many, changed_keys
-from .memorization import sslmem_scores, FEATURES
+from .memorization import sslmem_scores, scoring_views, FEATURES
 
 # %% ../nbs/13_crossfit.ipynb #c005
 class CrossfitError(ValueError):
@@ -196,7 +196,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
     for j, (fi, gi) in enumerate(plan.pairs):
         ix = np.concatenate([plan.folds[j], extra])
         roles = np.array(['pool'] * len(plan.folds[j]) + ['extra'] * len(extra))
-        res = sslmem_scores(encs[fi], encs[gi], images[torch.as_tensor(ix)], ix, view_config, n_views=n_views,
+        res = sslmem_scores(encs[fi], encs[gi], images[torch.as_tensor(ix)], ix, scoring_views(encs[fi], encs[gi], view_config), n_views=n_views,
                             features=features, batch_size=batch_size, seed=seed, device=device, progress=progress)
         for v, d in res.items():
             parts.append(pd.DataFrame(dict(seed=seed, idx=ix, role=roles, fold=j, features=v,

@@ -62,8 +62,10 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     for combo in itertools.product(*[grid[k] for k in keys]) if keys else [()]:
         p = {**base, **dict(zip(keys, combo)), **(overrides or {})}
         rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(p, [k for k in keys if len(grid[k]) > 1], defaults)
-        p['run_dir'] = str(root / rid)
-        try: runs.append((rid, validate(p)))             # every run checked before any starts
+        try:                                                   # every run checked before any starts
+            v = validate({**p, 'run_dir': str(root / rid)})
+            rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(v, [k for k in keys if len(grid[k]) > 1], defaults)
+            runs.append((rid, {**v, 'run_dir': str(root / rid)}))   # the id names the resolved values (a preset's backbone, say)
         except RunError as e: raise RunError(f'run {rid}: {e}') from None
     ids = [r for r, _ in runs]
     if len(set(ids)) != len(ids): raise ValueError(f'grid {path} gives two runs the same id; vary fewer parameters or name them')

@@ -15,12 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import ViewConfig, augment, simclr_views
-from .models import Encoder, lightly_module, takes_patch_size
+from .models import Encoder, lightly_module, takes_patch_size, visible_tokens
 
 # %% ../nbs/06_methods.ipynb #c005
 class SSLMethod(nn.Module):
     "Base class: an encoder, its training views and a loss on uint8 batches."
     name = 'base'
+    projector = 'simclr'          # the encoder's projection head (`Encoder` config kind); 'none' for methods without one
+    @classmethod
+    def views(cls, size:int, channels:int, crop_scale_min:float=0.08, color_strength:float=1.0, mean=None, std=None) -> ViewConfig:
+        "The method's training views for `size` px images: SimCLR's pipeline unless a method says otherwise."
+        return simclr_views(size, channels, (crop_scale_min, 1.0), color_strength, mean, std)
     def __init__(self, encoder_config:dict, view_config:ViewConfig):
         super().__init__()
         self.encoder = Encoder(encoder_config)
@@ -235,6 +240,7 @@ def visible_index(mask:torch.Tensor) -> torch.Tensor:
 class MAE(SSLMethod):
     "MAE: a ViT encodes a random quarter of the patches; a light decoder reconstructs the hidden ones' normalised pixels."
     name = 'mae'
+    projector = 'none'            # MAE trains no projection head
     def __init__(self, encoder_config, view_config, mask_ratio:float=0.75, decoder_dim:int=128, decoder_depth:int=4,
                  decoder_heads:int=4, norm_pix_loss:bool=True):
         if not takes_patch_size(encoder_config['backbone']):
@@ -247,6 +253,7 @@ class MAE(SSLMethod):
                              f"a multiple of the patch size {self.patch_size}; got {view_config.size} px views")
         if self.encoder.config['projector']['kind'] != 'none':
             warnings.warn("MAE trains no projector: build its encoder with projector='none' (SSLMem's projector features are then the class token)")
+        self.view_config = dataclasses.replace(view_config, mask_ratio=mask_ratio)   # recorded with the encoder: SSLMem masks its views alike
         mods.MaskedVisionTransformerTIMM(vit=vit)      # its constructor initialises `vit` in place the MAE way; the wrapper is not kept
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
@@ -256,13 +263,13 @@ class MAE(SSLMethod):
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * vit.patch_embed.proj.in_channels)
         init = lightly_module('lightly.models.modules.masked_vision_transformer_timm').init_weights   # xavier-uniform, zero bias
         self.decoder_embed.apply(init); self.decoder_pred.apply(init)
+    @classmethod
+    def views(cls, size, channels, crop_scale_min=0.2, color_strength=0.0, mean=None, std=None):
+        "MAE's views: crops and flips only (`color_strength` is ignored)."
+        return mae_views(size, channels, (crop_scale_min, 1.0), mean, std)
     def encode_visible(self, x, keep):
         "Encoder output tokens `(B, 1 + K, D)`, class token first, of images `x` seeing only the patches `keep` `(B, K)`."
-        vit, U = self.encoder.backbone, lightly_module('lightly.models.utils')
-        t = vit.patch_embed(x)                                                            # (B, L, D)
-        t = vit.pos_drop(torch.cat([vit.cls_token.expand(len(t), -1, -1), t], 1) + vit.pos_embed)   # (B, 1 + L, D)
-        t = U.get_at_index(t, F.pad(keep + 1, (1, 0)))                                   # (B, 1 + K, D): class token, visible patches
-        return vit.norm(vit.blocks(vit.norm_pre(t)))                                      # (B, 1 + K, D)
+        return visible_tokens(self.encoder.backbone, x, keep)
     def reconstruct(self, x, mask):
         "Predicted pixels `(B, L, p*p*C)` of every patch of images `x`, from the patches `mask` `(B, L)` leaves visible."
         U = lightly_module('lightly.models.utils')

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['BACKBONES', 'CKPT_FORMAT', 'SmallCNN', 'cifar_resnet', 'conv_bn', 'Residual', 'ResNet9', 'vit_patch_size', 'timm_vit',
-           'takes_patch_size', 'build_backbone', 'lightly_module', 'build_projector', 'Encoder', 'encoder_config',
-           'CheckpointError', 'save_encoder', 'read_checkpoint', 'load_encoder']
+           'takes_patch_size', 'build_backbone', 'lightly_module', 'build_projector', 'Encoder', 'visible_tokens',
+           'encoder_config', 'CheckpointError', 'save_encoder', 'read_checkpoint', 'load_encoder']
 
 # %% ../nbs/04_models.ipynb #c004
 import inspect, json
@@ -135,6 +135,19 @@ class Encoder(nn.Module):
     def forward_both(self, x):
         h = self.backbone(x)                                      # (B, feat_dim)
         return h, self.projector(h)                               # (B, proj_dim)
+    def forward_visible(self, x, keep):
+        "`forward_both` of a ViT that sees only the patches `keep` `(B, K)` of `x` (MAE's masked views): the class token after the blocks."
+        if not hasattr(self.backbone, 'patch_embed'): raise ValueError(f"masked views need a ViT backbone, got {self.config['backbone']!r}")
+        h = self.backbone.forward_head(visible_tokens(self.backbone, x, keep))   # (B, feat_dim)
+        return h, self.projector(h)                                               # (B, proj_dim)
+
+def visible_tokens(vit:nn.Module, x:torch.Tensor, keep:torch.Tensor) -> torch.Tensor:
+    "A timm ViT's output tokens `(B, 1 + K, D)`, class token first, for images `x` of which only patches `keep` `(B, K)` are seen."
+    t = vit.patch_embed(x)                                                              # (B, L, D)
+    t = vit.pos_drop(torch.cat([vit.cls_token.expand(len(t), -1, -1), t], 1) + vit.pos_embed)   # (B, 1 + L, D)
+    idx = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], 1)                        # (B, 1 + K): class token, then the kept patches
+    t = torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))                 # (B, 1 + K, D)
+    return vit.norm(vit.blocks(vit.norm_pre(t)))                                        # (B, 1 + K, D)
 
 def encoder_config(backbone='small_cnn', in_channels=1, image_size=28, projector='simclr',
                    proj_hidden=128, proj_out=64, proj_layers=2, patch_size:int|None=None, **extra) -> dict:
