@@ -65,7 +65,7 @@ def book(tmp_path_factory):
     return root, html
 
 
-PAGES = ['intro.html', 'book/results.html', 'book/calibration.html', 'runs/tiny/report.html', 'book/generalisation.html',
+PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibration.html', 'runs/tiny/report.html', 'book/generalisation.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
 
@@ -81,7 +81,7 @@ def test_page_exists_without_errors_or_nbdev_noise(book, page):
 
 @pytest.mark.parametrize('page, min_figures', [('book/results.html', 5), ('runs/tiny/report.html', 6), ('intro.html', 2),
                                                ('book/generalisation.html', 6), ('runs/removal/tiny/report.html', 8),
-                                               ('book/library/03_augment.html', 1)])
+                                               ('book/library/03_augment.html', 1), ('book/methods.html', 2)])
 def test_figures_are_real_images(book, page, min_figures):
     root, html = book
     text = (html / page).read_text()
@@ -144,3 +144,18 @@ def test_claims_page_reads_the_runs(book):
         assert claim in text, claim
     assert 'not available: needs &gt;= 2 retraining seeds' not in text    # two retraining seeds: the test ran
     assert 'p ' in text and 'detectable' in text
+
+
+def test_methods_page_shows_every_recorded_method(book):
+    "The cross-method table has a row for every run recorded under results/methods, with the four tests and the probes."
+    import json
+    root, html = book
+    text = (html / 'book/methods.html').read_text()
+    recorded = sorted((ROOT / 'results' / 'methods').glob('*/params.json'))
+    assert len(recorded) >= 7, 'the methods grid is not recorded'
+    rows = re.findall(r'<tr>(.*?)</tr>', text, re.S)
+    for f in recorded:
+        p = json.loads(f.read_text())['params']
+        assert any(f'>{p["method"]}<' in r and f'>{p["backbone"]}<' in r for r in rows), f'no table row for {f.parent.name}'
+    for t in ('p(C &gt; S)', 'p(C &gt; E)', 'p(I &lt; S)', 'p(I &lt; E)', 'highly memorised C', 'kNN random', 'spread f'):
+        assert t in text, t
