@@ -174,7 +174,13 @@ def read_checkpoint(path, map_location='cpu') -> dict:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'no checkpoint at {path}')
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise CheckpointError(f'checkpoint {path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}') from None
+    except Exception as e:
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(f'{path} holds pickled Python objects (a whole model saved with torch.save(model)?); memssl does not '
+                                  'unpickle them, because unpickling can run arbitrary code. Where you trust the file, convert it once: '
+                                  "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'weights.pt'), "
+                                  'then load those weights into an Encoder and save it with save_encoder') from None
+        raise CheckpointError(f'checkpoint {path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}') from None
     if not isinstance(ck, dict) or 'format' not in ck: raise CheckpointError(f'{path} is not a memssl checkpoint')
     return ck
 
