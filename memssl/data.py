@@ -10,7 +10,7 @@ __all__ = ['DEBIAN_FASHION_MNIST', 'STL10_CLASSES', 'DATASETS', 'PREFIXES', 'CIF
            'fake_arrays', 'fake_classes', 'write_idx', 'write_fake_dataset']
 
 # %% ../nbs/00_data.ipynb #c004
-import gzip, hashlib, importlib, importlib.util, os, pickle, shutil, tempfile, zlib
+import gzip, hashlib, importlib, importlib.util, os, pickle, shutil, tempfile, zipfile, zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +296,7 @@ def load_npz(path,  # .npz file with `images`, `labels` [, `test_images`, `test_
             images, labels = _nchw(z[ik], f'{name} {ik}'), _int_labels(z[lk], f'{name} {lk}')
             all_labels = [labels] + ([_int_labels(z['test_labels'], name)] if split == 'train' and 'test_labels' in keys else [])
             classes = [str(c) for c in z['classes']] if 'classes' in keys else None
-    except (ValueError, OSError, EOFError, KeyError) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:   # BadZipFile: a truncated or non-zip file
         if isinstance(e, ValueError) and str(e).startswith(name): raise
         raise ValueError(f'{name}: {p} is not a readable .npz file of plain arrays ({type(e).__name__}: {e}); '
                          'save it with np.savez (classes as a str array, not objects)') from e

@@ -25,7 +25,7 @@ from .io import atomic_write_json, atomic_write_text, read_json, package_version
 from .data import load_dataset, ImageData
 from .splits import get_split, load_split, Split, ROLES
 from .augment import simclr_views, ViewConfig
-from .models import encoder_config, load_encoder, Encoder, BACKBONES
+from .models import encoder_config, load_encoder, Encoder, BACKBONES, takes_patch_size
 from .methods import METHODS
 from .train import TrainConfig, fit_many
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
@@ -124,6 +124,8 @@ def check_training_params(p:dict) -> dict:
     if p['method'] not in METHODS: raise RunError(f"unknown method {p['method']!r}; known methods: {sorted(METHODS)}")
     check_method_params(p)
     if p['backbone'] not in BACKBONES: raise RunError(f"unknown backbone {p['backbone']!r}; known backbones: {sorted(BACKBONES)}")
+    if p['method'] == 'mae' and not takes_patch_size(p['backbone']):
+        raise RunError(f"method 'mae' needs a ViT backbone (vit_tiny, vit_small, vit_base), got {p['backbone']!r}")
     if p['score_features'] not in FEATURES: raise RunError(f"score_features must be one of {FEATURES}, got {p['score_features']!r}")
     if p['optimizer'] not in ('adam', 'adamw', 'sgd', 'lars'): raise RunError(f"optimizer must be adam, adamw, sgd or lars, got {p['optimizer']!r}")
     if not (0 < p['crop_scale_min'] <= 1): raise RunError(f"crop_scale_min must be in (0, 1], got {p['crop_scale_min']}")
