@@ -7,6 +7,7 @@ __all__ = ['ROLES', 'REQUIRED', 'FORMAT', 'PRESETS', 'SplitError', 'Split', 'ran
            'get_split']
 
 # %% ../nbs/02_splits.ipynb #c004
+import hashlib, json
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,10 @@ class Split:
         return dict(format=FORMAT, dataset=self.dataset, fingerprint=self.fingerprint, n_train=self.n_train,
                     n_test=self.n_test, extra_from=self.extra_from, seed=self.seed, preset=self.preset,
                     sizes=self.sizes(), sets={r: v.tolist() for r, v in self.sets.items()})
+
+    def hash(self) -> str:
+        "16 hex digits of sha256 of the manifest: names this split (sets, dataset and fingerprint) in provenance records."
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path):
         "Write the manifest atomically as JSON."

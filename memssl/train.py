@@ -106,6 +106,7 @@ def fit(method,                        # an `SSLMethod`
         out_dir,                       # checkpoints, history and the final encoder go here
         device='cpu',
         data_id:str='',                # identifies the training data (e.g. fingerprint + split role)
+        provenance:dict|None=None,     # what the encoder was trained on (dataset, split, role, seed), saved with it
         knn=None,                      # (bank_images, bank_labels, query_images, query_labels) for the monitor
         progress:bool=True,            # show a tqdm bar
         callback=None,                 # callback(epoch, epochs, record) after each epoch's checkpoint
@@ -164,7 +165,7 @@ def fit(method,                        # an `SSLMethod`
     bar.close()
     atomic_write_json(out / 'history.json', history)
     save_encoder(method.encoder, out / 'encoder.pt', method=method.name, hparams=method.hparams(),
-                 views=method.view_config.to_dict(), train=asdict(cfg), data=data_id, epochs_done=len(history))
+                 views=method.view_config.to_dict(), train=asdict(cfg), data=data_id, epochs_done=len(history), provenance=provenance)
     return history
 
 # %% ../nbs/07_train.ipynb #c015
@@ -179,7 +180,7 @@ def _fit_job(job:dict, queue=None, threads:int|None=None) -> list:
         queue.put((job['name'], e, t, r))
     cb = report if queue is not None else None
     return fit(m, job['images'], TrainConfig(**job['train_config']), job['out_dir'], device=job.get('device', 'cpu'),
-               data_id=job.get('data_id', ''), knn=job.get('knn'), progress=queue is None, callback=cb, desc=job['name'])
+               data_id=job.get('data_id', ''), provenance=job.get('provenance'), knn=job.get('knn'), progress=queue is None, callback=cb, desc=job['name'])
 
 def fit_many(jobs:list,               # dicts: name, method, encoder_config, view_config, init_seed, images, train_config, out_dir, ...
              parallel:bool|None=None, # None: in parallel processes on a CPU with >= 2 cores and >= 2 jobs
