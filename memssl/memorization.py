@@ -35,9 +35,11 @@ def pairwise_alignment(z:torch.Tensor) -> torch.Tensor:
 def encode_variants(model:nn.Module, x:torch.Tensor, features, keep:torch.Tensor|None=None) -> dict:
     "Features of a batch `(N, C, H, W)` for each requested variant -> {variant: (N, D)}; a ViT sees only patches `keep` `(N, K)` if given."
     if not isinstance(model, Encoder):
-        if list(features) != ['output']: raise ValueError(f"a plain nn.Module has one feature variant, 'output'; got {list(features)}")
+        bad = [v for v in features if v not in ('output', 'output_norm')]
+        if bad: raise ValueError(f"a plain nn.Module has the feature variants 'output' and 'output_norm' (L2-normalised); got {bad}")
         if keep is not None: raise ValueError('masked views need a memssl Encoder with a ViT backbone')
-        return {'output': model(x)}
+        z = model(x).flatten(1)                                                  # (N, D)
+        return {v: F.normalize(z, dim=1) if v == 'output_norm' else z for v in features}
     bad = [v for v in features if v not in FEATURES]
     if bad: raise ValueError(f'unknown feature variants {bad}; known: {FEATURES}')
     if keep is not None: h, z = model.forward_visible(x, keep)
