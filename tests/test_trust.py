@@ -85,3 +85,53 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, point):
     r = subprocess.run([str(GRID), str(g)], capture_output=True, text=True)     # the same command again
     assert r.returncode == 0 and 'complete' in r.stdout, r.stdout + r.stderr
     assert_same(results(rd), ref)
+
+
+def removal_grid(d: Path, npz: Path, root: str) -> Path:
+    f = d / f'{root}.yml'
+    f.write_text(f"""experiment: removal
+runs_root: {d / root}
+notebook: {ROOT / 'experiments' / 'removal.ipynb'}
+base: {{dataset: 'npz:{npz}', probe_datasets: ['npz:{npz}'], n_pool: 60, n_extra: 20, n_canaries: 2, epochs: 3, batch_size: 16,
+        n_views: 4, score_seeds: 2, fractions: [0.25], retrain_seeds: 2, n_probe_train: 100, n_probe_test: 40, probe_epochs: 5,
+        knn_k: 10, device: cpu, parallel: false}}
+""")
+    return f
+
+
+def removal_results(rd: Path) -> tuple:
+    m = json.loads((rd / 'metrics.json').read_text()); m.pop('timings', None)
+    return pd.read_csv(rd / 'scores.csv'), pd.read_csv(rd / 'removal.csv'), json.dumps(m, sort_keys=True)
+
+
+@pytest.fixture(scope='module')
+def removal_ref(data):
+    d, npz, _ = data
+    assert subprocess.run([str(GRID), str(removal_grid(d, npz, 'rm-ref'))], capture_output=True, text=True).returncode == 0
+    return removal_results(run_dir(d, 'rm-ref'))
+
+
+REMOVAL_KILL_AT = {
+    'cross-fitting': lambda rd: (rd / 'crossfit' / 'scores_seed0.csv').is_file(),       # one score seed done, the other not
+    'retraining': lambda rd: any((rd / 'removal').glob('*/last.pt')) if (rd / 'removal').is_dir() else False,
+}
+
+
+@pytest.mark.parametrize('point', list(REMOVAL_KILL_AT))
+def test_killed_removal_run_resumes_to_the_uninterrupted_result(data, removal_ref, point):
+    d, npz, _ = data
+    name = 'rm-kill-' + point
+    g = removal_grid(d, npz, name)
+    proc = subprocess.Popen([str(GRID), str(g)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (d / name).is_dir() and any((d / name).iterdir()) and REMOVAL_KILL_AT[point](run_dir(d, name)), proc, timeout=400)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    rd = run_dir(d, name)
+    assert not is_complete(rd)
+    r = subprocess.run([str(GRID), str(g)], capture_output=True, text=True)
+    assert r.returncode == 0 and 'complete' in r.stdout, r.stdout + r.stderr
+    got = removal_results(rd)
+    pd.testing.assert_frame_equal(got[0], removal_ref[0], check_exact=True)
+    pd.testing.assert_frame_equal(got[1], removal_ref[1], check_exact=True)
+    assert got[2] == removal_ref[2]
