@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['ViewConfig', 'simclr_views', 'crop_boxes', 'normalize', 'to_input', 'sample_params', 'apply_params', 'slice_params',
-           'augment', 'make_views']
+           'augment', 'view_shard', 'shard_slice', 'make_views']
 
 # %% ../nbs/03_augment.ipynb #c004
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 
 import torch
@@ -149,7 +150,24 @@ def augment(images:torch.Tensor,   # uint8 (B, C, H, W), on any device
     "One random view of each image: float `(B, C, size, size)`, normalised."
     if images.ndim != 4: raise ValueError(f'images must be (B, C, H, W), got shape {tuple(images.shape)}')
     B, C, H, W = images.shape
-    return apply_params(images, sample_params(B, H, W, cfg, gen), cfg)
+    sl, n = shard_slice(B)
+    return apply_params(images, slice_params(sample_params(n, H, W, cfg, gen), sl), cfg)
+
+_SHARD = None                       # (rank, world) inside `view_shard`
+
+@contextmanager
+def view_shard(rank:int, world:int):
+    "Within this block, a batch given to `augment` is rank `rank`'s slice of a global batch `world` times larger (data-parallel training)."
+    global _SHARD
+    if not 0 <= rank < world: raise ValueError(f'rank must be in [0, {world}), got {rank}')
+    old, _SHARD = _SHARD, (rank, world)
+    try: yield
+    finally: _SHARD = old
+
+def shard_slice(n_local:int) -> tuple:
+    "This rank's slice of a global draw, and the global draw's size, for `n_local` items (the whole draw outside `view_shard`)."
+    r, w = _SHARD or (0, 1)
+    return slice(r * n_local, (r + 1) * n_local), n_local * w
 
 def make_views(images:torch.Tensor, k:int, cfg:ViewConfig, gen:torch.Generator|None=None, params:dict|None=None) -> torch.Tensor:
     "`k` independent views of each image: `(B, K, C, size, size)`; from `gen`, or from pre-drawn `params` for B*K views."

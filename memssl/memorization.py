@@ -65,7 +65,9 @@ def alignment_scores(f:nn.Module, g:nn.Module,
                      features=('projector',),     # variants to compute (see FEATURES), or ('output',) for plain modules
                      batch_size:int=128,          # points per batch (x K views)
                      seed:int=0,                  # seed of the views
-                     device='cpu', progress:bool=False) -> dict:
+                     device='cpu', progress:bool=False,
+                     shard:bool=False,            # under torch.distributed: each process scores every world-th batch; results gathered
+                    ) -> dict:
     "Alignment of f and g on each point for each feature variant -> {variant: (align_f (N,), align_g (N,))}."
     if n_views < 2: raise ValueError(f'n_views must be >= 2 (alignment compares pairs of views), got {n_views}')
     if images.dtype != torch.uint8 or images.ndim != 4: raise TypeError(f'images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
@@ -76,7 +78,10 @@ def alignment_scores(f:nn.Module, g:nn.Module,
     params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))   # all views drawn up front
     keep = view_masks(f, g, N * n_views, view_config.mask_ratio, seed)                          # (N*K, visible) or None
     out = {v: ([], []) for v in features}
-    for i in tqdm(range(0, N, batch_size), desc='scoring', disable=not progress, mininterval=1 if sys.stderr.isatty() else 30):
+    rank, world = _dist_info() if shard else (0, 1)
+    starts = list(range(0, N, batch_size))
+    mine = starts[rank::world]                                                  # whole batches, the same boundaries as one process
+    for i in tqdm(mine, desc='scoring', disable=not progress or rank > 0, mininterval=1 if sys.stderr.isatty() else 30):
         xb = images[i:i + batch_size].to(device)
         sl = slice(i * n_views, (i + len(xb)) * n_views)
         views = make_views(xb, n_views, view_config, params=slice_params(params, sl))   # (B, K, C, S, S)
@@ -87,7 +92,16 @@ def alignment_scores(f:nn.Module, g:nn.Module,
             for v, feat in encode_variants(model, flat, features, kb).items():
                 out[v][j].append(pairwise_alignment(feat.view(B, K, -1)).cpu())   # (B,)
     f.train(modes[0]); g.train(modes[1])
+    if world > 1:                                                               # every process gets every batch, in order
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, {v: (a, b) for v, (a, b) in out.items()})
+        out = {v: ([x for j in range(len(starts)) for x in parts[j % world][v][0][j // world:j // world + 1]],
+                   [x for j in range(len(starts)) for x in parts[j % world][v][1][j // world:j // world + 1]]) for v in features}
     return {v: (torch.cat(a).numpy(), torch.cat(b).numpy()) for v, (a, b) in out.items()}
+
+def _dist_info() -> tuple:
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 def scoring_views(f:nn.Module, g:nn.Module, fallback:ViewConfig|None=None) -> ViewConfig:
     "The views to score f and g on: those both were trained with (recorded in their checkpoints), else `fallback`."
@@ -103,14 +117,15 @@ def sslmem_scores(f:nn.Module, g:nn.Module,
                   images:torch.Tensor,           # uint8 (N, C, H, W)
                   indices,                       # (N,) dataset indices of the images, carried into the output
                   view_config:ViewConfig|None=None,  # default: the views f was trained with (from its checkpoint)
-                  n_views:int=16, features='projector', batch_size:int=128, seed:int=0, device='cpu', progress:bool=False):
+                  n_views:int=16, features='projector', batch_size:int=128, seed:int=0, device='cpu', progress:bool=False,
+                  shard:bool=False):             # under torch.distributed: score a share of the batches per process, gather
     "SSLMem per point: DataFrame `idx, align_f, align_g, sslmem, sslmem_minmax, sslmem_ratio` (a dict of them for several `features`)."
     indices = np.asarray(indices)
     if len(indices) != len(images): raise ValueError(f'{len(indices)} indices for {len(images)} images')
     if view_config is None: view_config = scoring_views(f, g)
     if not isinstance(f, Encoder) and features == 'projector': features = 'output'
     single = isinstance(features, str)
-    res = alignment_scores(f, g, images, view_config, n_views, [features] if single else features, batch_size, seed, device, progress)
+    res = alignment_scores(f, g, images, view_config, n_views, [features] if single else features, batch_size, seed, device, progress, shard)
     dfs = {v: add_normalisations(pd.DataFrame({'idx': indices, 'align_f': af, 'align_g': ag, 'sslmem': ag - af}))
            for v, (af, ag) in res.items()}
     return dfs[features] if single else dfs

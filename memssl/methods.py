@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import ViewConfig, augment, simclr_views
+from .augment import ViewConfig, augment, simclr_views, shard_slice
 from .models import Encoder, lightly_module, takes_patch_size, visible_tokens
 
 # %% ../nbs/06_methods.ipynb #c005
@@ -34,6 +34,9 @@ class SSLMethod(nn.Module):
         "Two augmented views of a uint8 batch, stacked: `(B, C, H, W)` -> `(2B, C, S, S)`, first views then second."
         return torch.cat([augment(images, self.view_config, gen), augment(images, self.view_config, gen)])
     def training_loss(self, images:torch.Tensor, gen:torch.Generator) -> torch.Tensor: raise NotImplementedError
+    def forward(self, images:torch.Tensor, gen:torch.Generator) -> torch.Tensor:
+        "The training loss: `forward` so that DistributedDataParallel can wrap a method."
+        return self.training_loss(images, gen)
     def on_step_end(self, step:int, total_steps:int): "Hook for momentum updates and the like."
     def hparams(self) -> dict: return {}
 
@@ -228,7 +231,8 @@ def mae_n_visible(n_patches:int, ratio:float) -> int:
 
 def mae_masks(n:int, n_patches:int, ratio:float, gen:torch.Generator) -> torch.Tensor:
     "`n` random MAE masks `(n, n_patches)`, True where a patch is hidden, drawn on the CPU from `gen`."
-    order = torch.rand(n, n_patches, generator=gen).argsort(1)                      # (n, L): a random permutation per row
+    sl, n_all = shard_slice(n)                                                      # inside view_shard: this rank's rows of the global draw
+    order = torch.rand(n_all, n_patches, generator=gen).argsort(1)[sl]              # (n, L): a random permutation per row
     keep = order[:, :mae_n_visible(n_patches, ratio)]                               # (n, K)
     return torch.ones(n, n_patches, dtype=torch.bool).scatter_(1, keep, False)      # (n, L)
 

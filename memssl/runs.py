@@ -8,9 +8,9 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'PRESETS', 'ROLE_SETS', 'SSLMEM_RECORD_FILE
            'result_params', 'params_diff', 'params_id', 'apply_preset', 'method_param_names', 'check_method_params',
            'Run', 'set_status', 'check_same_run', 'start_run', 'load_run_data', 'make_run_split', 'run_provenance',
            'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config', 'method_hparams',
-           'parallel_of', 'train_encoders', 'load_encoders', 'score_points', 'score_run', 'available_tests',
-           'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary',
-           'record_sslmem_run', 'method_table']
+           'parallel_of', 'train_encoders', 'training_jobs', 'load_encoders', 'score_points', 'score_run',
+           'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
+           'run_summary', 'record_sslmem_run', 'method_table']
 
 # %% ../nbs/09_runs.ipynb #c004
 import hashlib, inspect, json, time
@@ -351,16 +351,19 @@ def parallel_of(p:dict):
 
 def train_encoders(run:Run, train:ImageData, split:Split, vc:ViewConfig, knn=None) -> dict:
     "Train f on shared + candidates and g on shared + independent (same seeds); returns their histories."
+    with run.timed('train'):
+        return fit_many(training_jobs(run, train, split, vc, knn), parallel=parallel_of(run.params))
+
+def training_jobs(run:Run, train:ImageData, split:Split, vc:ViewConfig, knn=None) -> list:
+    "The `fit` jobs of f (shared + candidates) and g (shared + independent): same seeds, their own data and provenance."
     p = run.params
     ec = run_encoder_config(run, train)
     tc = asdict(run_train_config(p))
-    jobs = [dict(name=name, method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=p['seed'], hparams=method_hparams(p),
+    return [dict(name=name, method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=p['seed'], hparams=method_hparams(p),
                  images=train.images[idx], train_config=tc, out_dir=run.path(f'ckpt/{name}'), device=str(run.device),
                  provenance=run_provenance(run, train, split, name),
                  data_id=f'{train.fingerprint}:{name}:{hashlib.sha256(np.asarray(idx).tobytes()).hexdigest()[:12]}', knn=knn)
             for name, idx in (('f', split.train_f()), ('g', split.train_g()))]
-    with run.timed('train'):
-        return fit_many(jobs, parallel=parallel_of(p))
 
 def load_encoders(run:Run, split:Split|None=None, train:ImageData|None=None):
     "The trained f and g of a run; given the split and data, checked to be trained on them in their roles (`check_pair`)."
@@ -380,17 +383,18 @@ def score_points(run:Run, split:Split, train:ImageData, test:ImageData|None) -> 
         imgs.append(src.images[ix]); idx.append(ix); roles += [r] * len(ix); labels.append(src.labels[ix].numpy())
     return torch.cat(imgs), np.concatenate(idx), np.array(roles), np.concatenate(labels)
 
-def score_run(run:Run, f:Encoder, g:Encoder, split:Split, train:ImageData, test:ImageData|None, vc:ViewConfig) -> dict:
-    "SSLMem of every set with every feature variant; writes `scores.csv` and `scores_all.csv`."
+def score_run(run:Run, f:Encoder, g:Encoder, split:Split, train:ImageData, test:ImageData|None, vc:ViewConfig, shard:bool=False) -> dict:
+    "SSLMem of every set with every feature variant; writes `scores.csv` and `scores_all.csv` (under torch.distributed with `shard`: scored by all processes, written by rank 0)."
     p = run.params
     imgs, idx, roles, labels = score_points(run, split, train, test)
     with run.timed('score'):
         res = sslmem_scores(f, g, imgs, idx, scoring_views(f, g, vc), n_views=p['n_views'], features=list(FEATURES), seed=p['seed'],
-                            device=run.device, progress=True)
+                            device=run.device, progress=True, shard=shard)
     for v, df in res.items():
         df.insert(1, 'split', roles); df.insert(2, 'label', labels)
         center_scores(df, on='shared')
         if (roles == 'extra').any(): center_scores(df, on='extra', out='sslmem_centered_extra')
+    if shard and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0: return res
     atomic_write_text(run.path('scores.csv'), res[p['score_features']].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
     return res

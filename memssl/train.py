@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRAIN_FORMAT', 'TrainConfig', 'param_groups', 'make_optimizer', 'lr_factor', 'EpochProgress', 'run_signature',
-           'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
+           'dist_info', 'barrier', 'mean_over_processes', 'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
 
 # %% ../nbs/07_train.ipynb #c004
 import json, math, os, time
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .io import atomic_torch_save, atomic_write_json
 from .models import save_encoder, CheckpointError, lightly_module
 from .probe import extract_features, knn_accuracy
+from .augment import view_shard
 
 # %% ../nbs/07_train.ipynb #c005
 @dataclass
@@ -92,6 +93,21 @@ def run_signature(method, cfg:TrainConfig, data_id:str) -> dict:
     return dict(method=method.name, hparams=method.hparams(), encoder=method.encoder.config,
                 views=method.view_config.to_dict(), train=asdict(cfg), data=data_id)
 
+def dist_info() -> tuple:
+    "(rank, world size) of this process: (0, 1) unless a torch.distributed process group is running."
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+def barrier():
+    "Wait for every process of the group (nothing to wait for in a single process)."
+    if dist_info()[1] > 1: torch.distributed.barrier()
+
+def mean_over_processes(x:torch.Tensor) -> float:
+    "The mean of a scalar over the processes (itself in a single process)."
+    if dist_info()[1] > 1:
+        x = x.clone(); torch.distributed.all_reduce(x); x /= dist_info()[1]
+    return x.item()
+
 def cpu_rng_state(state:torch.Tensor) -> torch.Tensor:
     "A generator state as `torch.Generator.set_state` needs it (a CPU byte tensor), wherever a load put it."
     return state.to('cpu', torch.uint8)
@@ -117,10 +133,17 @@ def fit(method,                        # an `SSLMethod`
     n = len(images)
     if n < 2: raise ValueError(f'need at least 2 training images, got {n}')
     sig = run_signature(method, cfg, data_id)
+    rank, world = dist_info()
     method.to(device)
     images = images.to(device)
     opt = make_optimizer(method, cfg)
     bs = min(cfg.batch_size, n)
+    if bs % world: raise ValueError(f'the batch of {bs} images must split evenly over the {world} processes')
+    local = bs // world                                           # this process's share of every global batch
+    model = method
+    if world > 1:                                                 # gradients averaged over the processes (method.forward = training_loss)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        model = ddp(method, device_ids=[torch.device(device).index or 0] if torch.device(device).type == 'cuda' else None)
     steps_per_epoch = n // bs                                     # drop the last partial batch
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
@@ -138,18 +161,19 @@ def fit(method,                        # an `SSLMethod`
                                   'use another directory, or delete it to start over')
         method.load_state_dict(st['method']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         gen.set_state(cpu_rng_state(st['gen'])); history = json.loads(st['history']); start = st['epoch']
-    bar = EpochProgress({desc: cfg.epochs}, {desc: start}, enabled=progress)
+    bar = EpochProgress({desc: cfg.epochs}, {desc: start}, enabled=progress and rank == 0)
     for epoch in range(start, cfg.epochs):
         method.train()
         t0, losses = time.perf_counter(), []
         perm = torch.randperm(n, generator=gen).to(device)
         for i in range(steps_per_epoch):
-            loss = method.training_loss(images[perm[i * bs:(i + 1) * bs]], gen)
+            idx = perm[i * bs + rank * local:i * bs + (rank + 1) * local]    # this process's slice of the global batch
+            with view_shard(rank, world): loss = model(images[idx], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
             method.on_step_end(epoch * steps_per_epoch + i, total)
-            losses.append(loss.item())
+            losses.append(mean_over_processes(loss.detach()))
         rec = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), lr=opt.param_groups[0]['lr'], seconds=time.perf_counter() - t0)
         if not math.isfinite(rec['loss']): raise FloatingPointError(f'training loss became {rec["loss"]} at epoch {epoch + 1}; lower the learning rate')
         if knn is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
@@ -157,15 +181,21 @@ def fit(method,                        # an `SSLMethod`
             fb = extract_features(method.encoder, bi, method.view_config, device=device)
             fq = extract_features(method.encoder, qi, method.view_config, device=device)
             rec['knn_acc'] = knn_accuracy(fb, bl, fq, ql, k=min(200, len(bi)))
+        if world > 1:                                             # BatchNorm statistics saw only this process's slice: take rank 0's,
+            rec['processes'] = world                              # the ones the checkpoint keeps, so every process resumes alike
+            for b in method.buffers(): torch.distributed.broadcast(b, 0)
         history.append(rec)
-        atomic_torch_save(dict(format=TRAIN_FORMAT, signature=json.dumps(sig), epoch=epoch + 1, method=method.state_dict(),
-                               opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), history=json.dumps(history)), ckpt)
+        if rank == 0:                                             # one writer; every process resumes from the same file
+            atomic_torch_save(dict(format=TRAIN_FORMAT, signature=json.dumps(sig), epoch=epoch + 1, method=method.state_dict(),
+                                   opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), history=json.dumps(history)), ckpt)
         bar.update(desc, epoch + 1, rec)
         if callback is not None: callback(epoch + 1, cfg.epochs, rec)
     bar.close()
+    if rank != 0: barrier(); return history
     atomic_write_json(out / 'history.json', history)
     save_encoder(method.encoder, out / 'encoder.pt', method=method.name, hparams=method.hparams(),
                  views=method.view_config.to_dict(), train=asdict(cfg), data=data_id, epochs_done=len(history), provenance=provenance)
+    barrier()                                                     # the files exist before any process moves on
     return history
 
 # %% ../nbs/07_train.ipynb #c015
@@ -174,6 +204,7 @@ def _fit_job(job:dict, queue=None, threads:int|None=None) -> list:
     from memssl.methods import build_method
     if threads: torch.set_num_threads(threads)
     m = build_method(job['method'], job['encoder_config'], ViewConfig(**job['view_config']), init_seed=job['init_seed'], **job.get('hparams', {}))
+    if job.get('sync_batchnorm'): m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)    # data-parallel on GPUs: one BatchNorm over all processes
     parent = os.getppid()
     def report(e, t, r):
         if os.getppid() != parent: os._exit(3)        # the process that started us is gone: stop, never train on as an orphan
