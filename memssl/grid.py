@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['default_notebook', 'experiments', 'run_id', 'load_grid', 'execute_run', 'tidy_stream', 'failure_reason', 'run_grid',
-           'main']
+           'make_executor', 'submitted_run', 'main']
 
 # %% ../nbs/11_grid.ipynb #c004
 import argparse, itertools, re, shutil, sys, time
@@ -148,11 +148,12 @@ def failure_reason(run_dir) -> str|None:
     lines = [l for l in str(err).strip().splitlines() if l.strip()]
     return lines[-1][:300] if lines else None
 
-def run_grid(path, overrides=None, force=False, only=None, dry_run=False, echo=True) -> dict:
-    "Execute every run of a grid file; returns {run_id: status}."
+def run_grid(path, overrides=None, force=False, only=None, dry_run=False, echo=True, executor=None) -> dict:
+    "Execute every run of a grid file, here one after the other or as jobs of a submitit `executor`; returns {run_id: status}."
     g = load_grid(path, overrides)
     runs = [(r, p) for r, p in g['runs'] if not only or re.search(only, r)]
     print(f"grid {path}: {len(runs)} run(s) -> {g['runs_root']}/  (notebook {g['notebook']})")
+    if executor is not None and not dry_run: return _run_grid_jobs(g, runs, executor, force)
     res = {}
     for i, (rid, p) in enumerate(runs, 1):
         if dry_run: print(f'  [{i}/{len(runs)}] {rid}: would run'); res[rid] = 'dry-run'; continue
@@ -169,8 +170,43 @@ def run_grid(path, overrides=None, force=False, only=None, dry_run=False, echo=T
     print(f'grid done: {sum(v == "complete" for v in res.values())} complete, {sum(v == "skipped" for v in res.values())} skipped, {n_fail} failed')
     return res
 
+def make_executor(kind:str, folder, **params):
+    "A submitit executor: 'slurm' (jobs on a SLURM cluster; `params` e.g. slurm_partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb) or 'local' (processes here)."
+    import submitit
+    if kind == 'local': ex = submitit.LocalExecutor(folder=str(folder))
+    elif kind == 'slurm': ex = submitit.AutoExecutor(folder=str(folder), cluster='slurm')
+    else: raise ValueError(f"executor must be 'local' or 'slurm', got {kind!r}")
+    if params: ex.update_parameters(**params)
+    return ex
+
+def submitted_run(notebook, params:dict, force:bool=False) -> tuple:
+    "What one cluster job runs: `execute_run` of one grid run -> (status, reason it could not start or None)."
+    try: return execute_run(notebook, params, force=force, echo=False), None
+    except RunError as e: return 'failed', str(e)
+
+def _run_grid_jobs(g:dict, runs:list, executor, force:bool) -> dict:
+    "Submit every run that is not already complete, wait for the jobs, and report as `run_grid` does."
+    res, jobs, why = {}, {}, {}
+    for i, (rid, p) in enumerate(runs, 1):
+        try: done = check_same_run(p['run_dir'], resolve_paths(p)) and is_complete(p['run_dir'])
+        except RunError as e:
+            if not force: res[rid], why[rid] = 'failed', f'{e}; use --force to replace it'; print(f'  [{i}/{len(runs)}] {rid}: failed\n    {why[rid]}'); continue
+            done = False
+        if done and not force: res[rid] = 'skipped'; print(f'  [{i}/{len(runs)}] {rid}: skipped (complete)'); continue
+        jobs[rid] = executor.submit(submitted_run, g['notebook'], p, force)
+        print(f'  [{i}/{len(runs)}] {rid}: submitted as job {jobs[rid].job_id} (log: {Path(p["run_dir"]) / "log.txt"})', flush=True)
+    params = dict(runs)
+    for rid, job in jobs.items():
+        try: res[rid], w = job.result()
+        except Exception as e: res[rid], w = 'failed', f'the job failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+        if res[rid] == 'failed' and not w: w = failure_reason(params[rid]['run_dir'])
+        print(f'  {rid}: {res[rid]}' + (f'\n    {w}' if w else ''), flush=True)
+    n_fail = sum(v == 'failed' for v in res.values())
+    print(f'grid done: {sum(v == "complete" for v in res.values())} complete, {sum(v == "skipped" for v in res.values())} skipped, {n_fail} failed')
+    return res
+
 def main(argv=None):
-    "Command line: memssl-grid GRID.yml [--set k=v ...] [--only REGEX] [--force] [--dry-run] [--quiet]."
+    "Command line: memssl-grid GRID.yml [--set k=v ...] [--only REGEX] [--force] [--dry-run] [--quiet] [--executor slurm|local ...]."
     ap = argparse.ArgumentParser(prog='memssl-grid', description='Run a grid of memssl experiments with papermill.')
     ap.add_argument('grid', help='grid YAML file')
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a parameter for every run (YAML value)')
@@ -178,12 +214,20 @@ def main(argv=None):
     ap.add_argument('--force', action='store_true', help='replace run directories that hold runs with other parameters')
     ap.add_argument('--dry-run', action='store_true', help='list the runs without executing them')
     ap.add_argument('--quiet', action='store_true', help="write the kernels' output only to each run's log.txt")
+    ap.add_argument('--executor', choices=('slurm', 'local'), help='hand each run to a cluster scheduler through submitit (local: processes here)')
+    ap.add_argument('--executor-dir', default=None, help="submitit's folder for job scripts and logs (default: RUNS_ROOT/.submitit)")
+    ap.add_argument('--slurm', action='append', default=[], metavar='KEY=VALUE', help='a submitit parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1')
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        if '=' not in kv: ap.error(f'--set expects KEY=VALUE, got {kv!r}')
-        k, v = kv.split('=', 1); over[k] = yaml.safe_load(v)
-    try: res = run_grid(a.grid, over, force=a.force, only=a.only, dry_run=a.dry_run, echo=not a.quiet)
+    over, sl = {}, {}
+    for kv, into in [(x, over) for x in a.set] + [(x, sl) for x in a.slurm]:
+        if '=' not in kv: ap.error(f'--set and --slurm expect KEY=VALUE, got {kv!r}')
+        k, v = kv.split('=', 1); into[k] = yaml.safe_load(v)
+    try:
+        ex = None
+        if a.executor:
+            root = load_grid(a.grid, over)['runs_root']
+            ex = make_executor(a.executor, a.executor_dir or Path(root) / '.submitit', **sl)
+        res = run_grid(a.grid, over, force=a.force, only=a.only, dry_run=a.dry_run, echo=not a.quiet, executor=ex)
     except (ValueError, FileNotFoundError, RunError) as e:
         print(f'memssl-grid: {e}', file=sys.stderr); return 2
     return 1 if any(v == 'failed' for v in res.values()) else 0
