@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['machine', 'timed', 'per_image_protocol', 'forward_bound', 'bench_scoring', 'bench_training', 'score_variance',
-           'profile_step', 'run_benchmarks', 'main']
+           'profile_step', 'bench_forward_variants', 'run_benchmarks', 'main']
 
 # %% ../nbs/17_bench.ipynb #c004
 import json, platform, resource, time
@@ -56,9 +56,9 @@ def per_image_protocol(f:nn.Module, g:nn.Module, images:torch.Tensor, vc:ViewCon
 @torch.no_grad()
 def forward_bound(f:nn.Module, g:nn.Module, views:torch.Tensor, batch_size:int, device='cpu'):
     "Bare forward passes of f and g over pre-made views `(N*K, C, S, S)` in batches: the scorer's lower bound."
-    f.eval().to(device); g.eval().to(device)
+    f.eval().to(device, memory_format=torch.channels_last); g.eval().to(device, memory_format=torch.channels_last)   # as the scorer runs them
     for i in range(0, len(views), batch_size):
-        v = views[i:i + batch_size].to(device)
+        v = views[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         f.forward_both(v) if hasattr(f, 'forward_both') else f(v)
         g.forward_both(v) if hasattr(g, 'forward_both') else g(v)
 
@@ -78,7 +78,7 @@ def bench_scoring(f:nn.Module, g:nn.Module, images:torch.Tensor, vc:ViewConfig, 
 def bench_training(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Tensor, batch_size:int=256, steps:int=6,
                    device='cpu', **hparams) -> dict:
     "Images/s of the training step of `method` against the bare forward+backward of its encoder on pre-made views of the same batch."
-    m = build_method(method, encoder_config, vc, init_seed=0, **hparams).to(device).train()
+    m = build_method(method, encoder_config, vc, init_seed=0, **hparams).to(device, memory_format=torch.channels_last).train()   # as fit runs it
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     batch = images[:batch_size].to(device)
@@ -115,7 +115,7 @@ def score_variance(f:nn.Module, g:nn.Module, images:torch.Tensor, vc:ViewConfig,
 def profile_step(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Tensor, batch_size:int=256, steps:int=3, top:int=12, device='cpu') -> list:
     "The operators taking the most time in `steps` training steps: [{op, ms, share}]."
     from torch.profiler import profile, ProfilerActivity
-    m = build_method(method, encoder_config, vc, init_seed=0).to(device).train()
+    m = build_method(method, encoder_config, vc, init_seed=0).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     gen, batch = torch.Generator().manual_seed(0), images[:batch_size].to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -129,6 +129,25 @@ def profile_step(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Te
     return [dict(op=e.key, ms=getattr(e, key) / 1000 / steps, share=getattr(e, key) / total) for e in ev[:top]]
 
 # %% ../nbs/17_bench.ipynb #c013
+def bench_forward_variants(encoder:nn.Module, views:torch.Tensor, repeats:int=3, device='cpu', compile:bool=True) -> dict:
+    "Seconds for one forward pass of `encoder` over `views` as built, channels-last, under bf16 autocast and compiled (None if compiling fails)."
+    import copy
+    e = copy.deepcopy(encoder).eval().to(device, memory_format=torch.contiguous_format); v = views.to(device).contiguous()   # NCHW, whatever `encoder` was
+    fwd = (lambda m, x: m.forward_both(x)) if hasattr(e, 'forward_both') else (lambda m, x: m(x))
+    out = {}
+    with torch.no_grad():
+        out['nchw'] = timed(lambda: fwd(e, v), repeats)
+        ecl, vcl = copy.deepcopy(e).to(memory_format=torch.channels_last), v.contiguous(memory_format=torch.channels_last)
+        out['channels_last'] = timed(lambda: fwd(ecl, vcl), repeats)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16): out['bf16_autocast'] = timed(lambda: fwd(e, v), repeats)
+        if not compile: return out
+        try:
+            ec = copy.deepcopy(e); ec.forward = torch.compile(ec.forward); bb = ec.backbone; bb.forward = torch.compile(bb.forward)
+            out['compiled'] = timed(lambda: fwd(ec, v), repeats)
+        except Exception as ex: out['compiled'], out['compile_error'] = None, f'{type(ex).__name__}: {str(ex)[:200]}'
+    return out
+
+# %% ../nbs/17_bench.ipynb #c016
 def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:int=20, var_points:int=200, ks=(2, 4, 8, 16, 32),
                    repeats:int=5, methods=('simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'dino', 'mae'), device='auto') -> Path:
     "Every benchmark on the encoders and data of a complete run; written atomically to `out` (default results/bench/<machine>.json)."
@@ -157,6 +176,9 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
         ec = ec_of(bb, C, H, projector=METHODS[m].projector, proj_hidden=p['proj_hidden'], proj_out=p['proj_out'])
         mvc = METHODS[m].views(H, C, p['crop_scale_min'], p['color_strength'], mean=mean, std=std)
         res['training'].append(bench_training(m, ec, mvc, train.images[:p['batch_size']], batch_size=p['batch_size'], steps=4, device=dev))
+    print('forward variants ...', flush=True)
+    views = make_views(pts[:128], k, vc, torch.Generator().manual_seed(0)).flatten(0, 1)
+    res['forward_variants'] = bench_forward_variants(f, views, device=dev)
     print('profile ...', flush=True)
     res['profile'] = profile_step(p['method'], ec_of(p['backbone'], C, H, proj_hidden=p['proj_hidden'], proj_out=p['proj_out']),
                                   vc, train.images[:p['batch_size']], batch_size=p['batch_size'], device=dev)
