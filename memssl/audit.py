@@ -21,7 +21,7 @@ from .io import atomic_write_json, atomic_write_text, read_json, pick_device, pa
 from .data import load_dataset, ImageData
 from .splits import load_split, Split, ROLES
 from .augment import simclr_views, ViewConfig
-from .models import Encoder, load_encoder, build_backbone, BACKBONES, CheckpointError
+from .models import Encoder, load_encoder, build_backbone, BACKBONES, CheckpointError, load_tensors
 from .methods import mae_views
 from .memorization import sslmem_scores, center_scores
 from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete
@@ -29,16 +29,7 @@ from .runs import RunError, channel_stats, available_tests, set_status, check_da
 # %% ../nbs/15_audit.ipynb #c006
 def read_state_dict(path) -> dict:
     "The tensors of a checkpoint file, read without executing code: a bare state dict, or the `state_dict` / `model` entry of a training checkpoint."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'no encoder file at {path}')
-    try: ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        if 'Weights only load failed' in str(e):
-            raise CheckpointError(f'{path} holds pickled Python objects (a whole model, or a training checkpoint with objects in it); '
-                                  'memssl does not unpickle them, because unpickling can run arbitrary code. Where you trust the file, '
-                                  "convert it once: ck = torch.load(path, weights_only=False); torch.save(ck['state_dict'] if 'state_dict' in ck "
-                                  "else ck.state_dict(), 'weights.pt')") from None
-        raise CheckpointError(f'{path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}') from None
+    ck = load_tensors(path, 'encoder file')
     for key in ('state_dict', 'model'):
         if isinstance(ck, dict) and isinstance(ck.get(key), dict): ck = ck[key]; break
     if not isinstance(ck, dict) or not ck or not all(isinstance(v, torch.Tensor) for v in ck.values()):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['BACKBONES', 'CKPT_FORMAT', 'SmallCNN', 'cifar_resnet', 'conv_bn', 'Residual', 'ResNet9', 'vit_patch_size', 'timm_vit',
            'takes_patch_size', 'build_backbone', 'lightly_module', 'build_projector', 'Encoder', 'visible_tokens',
-           'encoder_config', 'CheckpointError', 'save_encoder', 'read_checkpoint', 'load_encoder']
+           'encoder_config', 'CheckpointError', 'save_encoder', 'load_tensors', 'read_checkpoint', 'load_encoder']
 
 # %% ../nbs/04_models.ipynb #c004
 import inspect, json
@@ -169,18 +169,22 @@ def save_encoder(enc:Encoder, path, **meta):
     sd = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
     return atomic_torch_save({'format': CKPT_FORMAT, 'config': json.dumps(enc.config), 'meta': json.dumps(meta), 'state_dict': sd}, path)
 
-def read_checkpoint(path, map_location='cpu') -> dict:
-    "Load a memssl checkpoint file safely, with clear errors for missing and corrupted files."
+def load_tensors(path, what:str='checkpoint', map_location='cpu'):
+    "`torch.load(weights_only=True)`: tensors and plain containers only, never code; clear errors for missing, corrupted and pickled-object files."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'no checkpoint at {path}')
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    if not path.is_file(): raise FileNotFoundError(f'no {what} at {path}')
+    try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         if 'Weights only load failed' in str(e):
             raise CheckpointError(f'{path} holds pickled Python objects (a whole model saved with torch.save(model)?); memssl does not '
                                   'unpickle them, because unpickling can run arbitrary code. Where you trust the file, convert it once: '
-                                  "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'weights.pt'), "
-                                  'then load those weights into an Encoder and save it with save_encoder') from None
-        raise CheckpointError(f'checkpoint {path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}') from None
+                                  "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'weights.pt') "
+                                  "(a training checkpoint with objects in it: torch.save(model['state_dict'], 'weights.pt'))") from None
+        raise CheckpointError(f'{what} {path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}') from None
+
+def read_checkpoint(path, map_location='cpu') -> dict:
+    "Load a memssl checkpoint file safely, with clear errors for missing and corrupted files."
+    ck = load_tensors(path, 'checkpoint', map_location)
     if not isinstance(ck, dict) or 'format' not in ck: raise CheckpointError(f'{path} is not a memssl checkpoint')
     return ck
 
