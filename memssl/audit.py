@@ -176,7 +176,7 @@ def validate_audit_params(params:dict) -> dict:
     return p
 
 # %% ../nbs/15_audit.ipynb #c017
-from .runs import Run, check_same_run, params_id, score_points, tests_all_variants, check_pair
+from .runs import Run, check_same_run, claim_run, params_id, score_points, tests_all_variants, check_pair
 from .memorization import FEATURES
 
 class Audit(Run):
@@ -192,12 +192,7 @@ def start_audit(params:dict) -> Audit:
     check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
     if old.exists() and read_json(old).get('files') != files:
         raise RunError(f'{run.dir} holds an audit of other checkpoint files (their contents changed, or other files); choose another run_dir')
-    run.dir.mkdir(parents=True, exist_ok=True)
-    run.path('metrics.json').unlink(missing_ok=True)
-    atomic_write_json(old, dict(experiment='audit', params=p, params_id=params_id(p), files=files, versions=package_versions(),
-                                git_commit=git_commit(), device=str(run.device), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
-    set_status(run.dir, 'running')
-    return run
+    return claim_run(run, experiment='audit', files=files)
 
 def audit_data(run:Audit) -> tuple:
     "The train split (and test split, where there is one), and the split manifest checked against the data; both recorded."

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .augment import ViewConfig, make_views, sample_params, slice_params
 from .models import Encoder
+from .train import dist_info
 
 FEATURES = ('backbone', 'backbone_norm', 'projector', 'projector_norm')
 
@@ -78,7 +79,7 @@ def alignment_scores(f:nn.Module, g:nn.Module,
     params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))   # all views drawn up front
     keep = view_masks(f, g, N * n_views, view_config.mask_ratio, seed)                          # (N*K, visible) or None
     out = {v: ([], []) for v in features}
-    rank, world = _dist_info() if shard else (0, 1)
+    rank, world = dist_info() if shard else (0, 1)
     starts = list(range(0, N, batch_size))
     mine = starts[rank::world]                                                  # whole batches, the same boundaries as one process
     for i in tqdm(mine, desc='scoring', disable=not progress or rank > 0, mininterval=1 if sys.stderr.isatty() else 30):
@@ -94,14 +95,9 @@ def alignment_scores(f:nn.Module, g:nn.Module,
     f.train(modes[0]); g.train(modes[1])
     if world > 1:                                                               # every process gets every batch, in order
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, {v: (a, b) for v, (a, b) in out.items()})
-        out = {v: ([x for j in range(len(starts)) for x in parts[j % world][v][0][j // world:j // world + 1]],
-                   [x for j in range(len(starts)) for x in parts[j % world][v][1][j // world:j // world + 1]]) for v in features}
+        torch.distributed.all_gather_object(parts, out)
+        out = {v: tuple([parts[j % world][v][e][j // world] for j in range(len(starts))] for e in (0, 1)) for v in features}   # batch j: rank j % world
     return {v: (torch.cat(a).numpy(), torch.cat(b).numpy()) for v, (a, b) in out.items()}
-
-def _dist_info() -> tuple:
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 def scoring_views(f:nn.Module, g:nn.Module, fallback:ViewConfig|None=None) -> ViewConfig:
     "The views to score f and g on: those both were trained with (recorded in their checkpoints), else `fallback`."

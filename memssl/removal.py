@@ -26,7 +26,7 @@ from .models import load_encoder, Encoder
 from .train import fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
-from .runs import (RunError, Run, set_status, check_same_run, params_id, resolve_paths, check_dataset_name, check_training_params,
+from .runs import (RunError, Run, set_status, check_same_run, claim_run, params_id, resolve_paths, check_dataset_name, check_training_params,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
@@ -137,12 +137,7 @@ def start_removal_run(params:dict) -> Run:
     base = load_dataset(p['dataset'], p['data_root'], 'train', download=p['download'])
     removal_sets_of(len(base), p)                              # a pool larger than the data fails here, before anything is written
     run.base = base
-    run.dir.mkdir(parents=True, exist_ok=True)
-    run.path('metrics.json').unlink(missing_ok=True)
-    atomic_write_json(run.path('params.json'), dict(params=p, params_id=params_id(p), experiment='removal', versions=package_versions(),
-                                                   git_commit=git_commit(), device=str(run.device), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
-    set_status(run.dir, 'running')
-    return run
+    return claim_run(run, experiment='removal')
 
 def load_removal_data(run:Run) -> dict:
     "The train split with canaries planted, the sets, the view and encoder configuration, and the downstream tasks."

@@ -6,11 +6,11 @@
 __all__ = ['DEFAULTS', 'NON_RESULT', 'PRESETS', 'ROLE_SETS', 'SSLMEM_RECORD_FILES', 'RunError', 'resolve_dataset',
            'resolve_paths', 'check_dataset_name', 'validate_params', 'check_training_params', 'params_from',
            'result_params', 'params_diff', 'params_id', 'apply_preset', 'method_param_names', 'check_method_params',
-           'Run', 'set_status', 'check_same_run', 'start_run', 'load_run_data', 'make_run_split', 'run_provenance',
-           'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config', 'method_hparams',
-           'parallel_of', 'train_encoders', 'training_jobs', 'load_encoders', 'score_points', 'score_run',
-           'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
-           'run_summary', 'record_sslmem_run', 'method_table']
+           'Run', 'set_status', 'check_same_run', 'start_run', 'claim_run', 'load_run_data', 'make_run_split',
+           'run_provenance', 'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config',
+           'method_hparams', 'parallel_of', 'train_encoders', 'training_jobs', 'load_encoders', 'score_points',
+           'score_run', 'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult',
+           'list_runs', 'run_summary', 'record_sslmem_run', 'method_table']
 
 # %% ../nbs/09_runs.ipynb #c004
 import hashlib, inspect, json, time
@@ -29,7 +29,7 @@ from .splits import get_split, load_split, Split, ROLES
 from .augment import simclr_views, ViewConfig
 from .models import encoder_config, load_encoder, Encoder, BACKBONES, takes_patch_size
 from .methods import METHODS
-from .train import TrainConfig, fit_many
+from .train import TrainConfig, fit_many, dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
@@ -251,12 +251,16 @@ def start_run(params:dict) -> Run:
     "Validate parameters, claim the run directory and record the parameters and provenance."
     p = validate_params(params)
     run = Run(p)
-    old = run.path('params.json')
     check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
+    return claim_run(run, torch_threads=torch.get_num_threads())
+
+def claim_run(run:Run, **record) -> Run:
+    "Create the run directory, drop any old `metrics.json` (not complete until the end), write `params.json` (parameters, provenance, `record`) and mark it running."
     run.dir.mkdir(parents=True, exist_ok=True)
-    run.path('metrics.json').unlink(missing_ok=True)          # not complete until the end
-    atomic_write_json(old, dict(params=p, params_id=params_id(p), versions=package_versions(), git_commit=git_commit(),
-                                device=str(run.device), torch_threads=torch.get_num_threads(), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
+    run.path('metrics.json').unlink(missing_ok=True)
+    p = run.params
+    atomic_write_json(run.path('params.json'), dict(params=p, params_id=params_id(p), **record, versions=package_versions(), git_commit=git_commit(),
+                                                    device=str(run.device), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
     set_status(run.dir, 'running')
     return run
 
@@ -394,7 +398,7 @@ def score_run(run:Run, f:Encoder, g:Encoder, split:Split, train:ImageData, test:
         df.insert(1, 'split', roles); df.insert(2, 'label', labels)
         center_scores(df, on='shared')
         if (roles == 'extra').any(): center_scores(df, on='extra', out='sslmem_centered_extra')
-    if shard and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0: return res
+    if shard and dist_info()[0] > 0: return res                  # one writer
     atomic_write_text(run.path('scores.csv'), res[p['score_features']].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
     return res
