@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from .io import atomic_write_text, atomic_write_json, read_json
-from .data import ImageData, fingerprint
+from .data import ImageData, fingerprint, cat_images
 from .augment import ViewConfig
 from .models import load_encoder
 from .methods import METHODS
@@ -440,7 +440,7 @@ def make_canaries(images:torch.Tensor,       # uint8 (N, C, H, W): the data cana
 def plant_canaries(data:ImageData, kinds=CANARY_KINDS, n_per_kind:int=8, seed:int=0) -> tuple:
     "`(data with canaries appended to its images, canary indices, kinds)`; canaries take their source image's label, the new data a new fingerprint."
     imgs, k, src = make_canaries(data.images, kinds, n_per_kind, seed)
-    images, labels = torch.cat([data.images, imgs]), torch.cat([data.labels, data.labels[torch.as_tensor(src)]])
+    images, labels = cat_images([data.images, imgs]), torch.cat([data.labels, data.labels[torch.as_tensor(src)]])
     new = ImageData(images, labels, list(data.classes), f'{data.name}+canaries', data.split, fingerprint(images, labels))
     return new, np.arange(len(data), len(images), dtype=np.int64), k
 

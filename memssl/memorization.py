@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .augment import ViewConfig, make_views, sample_params, slice_params
 from .models import Encoder
 from .train import dist_info
+from .data import image_batches
 
 FEATURES = ('backbone', 'backbone_norm', 'projector', 'projector_norm')
 
@@ -60,7 +61,7 @@ def view_masks(f:nn.Module, g:nn.Module, n:int, mask_ratio:float, seed:int) -> t
 
 @torch.no_grad()
 def alignment_scores(f:nn.Module, g:nn.Module,
-                     images:torch.Tensor,         # uint8 (N, C, H, W): the points to score
+                     images,                      # uint8 (N, C, H, W): the points to score (a tensor, or `LazyImages` streamed from disk)
                      view_config:ViewConfig,      # the method's training augmentations
                      n_views:int=16,              # K views per point, shared by f and g
                      features=('projector',),     # variants to compute (see FEATURES), or ('output',) for plain modules
@@ -82,8 +83,8 @@ def alignment_scores(f:nn.Module, g:nn.Module,
     rank, world = dist_info() if shard else (0, 1)
     starts = list(range(0, N, batch_size))
     mine = starts[rank::world]                                                  # whole batches, the same boundaries as one process
-    for i in tqdm(mine, desc='scoring', disable=not progress or rank > 0, mininterval=1 if sys.stderr.isatty() else 30):
-        xb = images[i:i + batch_size].to(device)
+    batches = image_batches(images, [slice(i, i + batch_size) for i in mine], device)   # streamed images: read ahead by workers
+    for i, xb in zip(tqdm(mine, desc='scoring', disable=not progress or rank > 0, mininterval=1 if sys.stderr.isatty() else 30), batches):
         sl = slice(i * n_views, (i + len(xb)) * n_views)
         views = make_views(xb, n_views, view_config, params=slice_params(params, sl))   # (B, K, C, S, S)
         B, K = views.shape[:2]

@@ -12,11 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import to_input, ViewConfig
+from .data import image_batches
 
 # %% ../nbs/05_probe.ipynb #c005
 @torch.no_grad()
 def extract_features(encoder:nn.Module,       # an `Encoder` or any module mapping images to vectors
-                     images:torch.Tensor,     # uint8 (N, C, H, W)
+                     images,                  # uint8 (N, C, H, W): a tensor, or `LazyImages` streamed from disk
                      cfg:ViewConfig,          # for resizing and normalisation
                      which:str='backbone',    # 'backbone' or 'projector' (for `Encoder`s)
                      batch_size:int=512,
@@ -25,8 +26,8 @@ def extract_features(encoder:nn.Module,       # an `Encoder` or any module mappi
     was = encoder.training
     encoder.eval().to(device)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size].to(device), cfg)
+    for xb in image_batches(images, [slice(i, i + batch_size) for i in range(0, len(images), batch_size)], device):   # streamed images: read by workers
+        x = to_input(xb, cfg)
         if which == 'backbone': f = encoder(x)
         elif which == 'projector': f = encoder.forward_both(x)[1]
         else: raise ValueError(f"which must be 'backbone' or 'projector', got {which!r}")

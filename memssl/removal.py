@@ -21,7 +21,7 @@ import torch
 from scipy import stats
 
 from .io import atomic_write_json, atomic_write_text, read_json, pick_device, package_versions, git_commit
-from .data import load_dataset, ImageData
+from .data import load_dataset, ImageData, LazyImages
 from .models import load_encoder, Encoder
 from .train import fit_many
 from .memorization import FEATURES
@@ -231,6 +231,7 @@ def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
 def _match_channels(images:torch.Tensor, c:int) -> torch.Tensor:
     "Grey images for an RGB encoder (repeated) or RGB images for a grey one (channel mean), as uint8."
     if images.shape[1] == c: return images
+    if isinstance(images, LazyImages): images = images.load()               # streamed: read the probe points to convert them
     if images.shape[1] == 1: return images.repeat(1, c, 1, 1)
     if c == 1: return images.float().mean(1, keepdim=True).round().to(torch.uint8)
     raise RunError(f'cannot probe {images.shape[1]}-channel images with a {c}-channel encoder')
@@ -338,7 +339,7 @@ def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.
     enc = load_encoder(run.path(f"removal/{base['name']}/encoder.pt"), map_location=run.device)
     imgs, labels = data['train'].images[torch.as_tensor(s['pool'])], data['train'].labels[torch.as_tensor(s['pool'])]
     feats = {'encoder': extract_features(enc, imgs, data['view_config'], 'backbone', device=run.device).cpu(),
-             'pixels': imgs.flatten(1).float()}
+             'pixels': (imgs.load() if isinstance(imgs, LazyImages) else imgs).flatten(1).float()}
     sc = select_scores(scores, p['score_features'])
     sc = sc[sc['idx'].isin(s['pool'])][['idx', 'sslmem']]
     out, atyp = [], {}

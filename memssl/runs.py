@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .io import atomic_write_json, atomic_write_text, read_json, package_versions, git_commit, pick_device
-from .data import load_dataset, ImageData
+from .data import load_dataset, ImageData, LazyImages, cat_images, image_batches
 from .splits import get_split, load_split, Split, ROLES
 from .augment import simclr_views, ViewConfig
 from .models import encoder_config, load_encoder, Encoder, BACKBONES, takes_patch_size
@@ -275,7 +275,7 @@ def load_run_data(run:Run):
             print(f'no test split ({e}); probes are skipped'); test = None
     d = read_json(run.path('params.json'))
     d['dataset'] = dict(name=train.name, fingerprint=train.fingerprint, n_train=len(train), n_test=None if test is None else len(test),
-                        shape=list(train.images.shape[1:]), classes=train.classes)
+                        shape=list(train.images.shape[1:]), classes=train.classes, streamed=isinstance(train.images, LazyImages))
     atomic_write_json(run.path('params.json'), d)
     return train, test
 
@@ -322,10 +322,15 @@ def check_pair(f:nn.Module, g:nn.Module, split:Split, fingerprint:str):
                            + f', but this split gives {r} its {ROLE_SETS[r]}: {len(split.train_f() if r == "f" else split.train_g())} points, '
                            f'index hash {want[r]}, split {split.hash()}')
 
-def channel_stats(images:torch.Tensor) -> tuple:
-    "Per-channel mean and std of uint8 images, in [0, 1] units."
-    x = images.float().div_(255).transpose(0, 1).flatten(1)          # (C, N*H*W)
-    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+def channel_stats(images) -> tuple:
+    "Per-channel mean and (n-1) std of uint8 images (a tensor or `LazyImages`), in [0, 1] units, to 4 decimals."
+    s1 = s2 = n = 0                                                  # exact integer sums, batch by batch: streamed = in memory
+    for x in image_batches(images, [slice(i, i + 256) for i in range(0, len(images), 256)]):
+        x = x.long(); s1 = s1 + x.sum((0, 2, 3)); s2 = s2 + (x * x).sum((0, 2, 3)); n += x.shape[0] * x.shape[2] * x.shape[3]
+    if n < 2: raise ValueError(f'channel statistics need at least 2 pixels, got {n}')
+    mean = [a / (255 * n) for a in s1.tolist()]                       # Python integers: exact until this one rounding
+    var = [(b * n - a * a) / (n * (n - 1) * 255 ** 2) for a, b in zip(s1.tolist(), s2.tolist())]
+    return tuple(round(m, 4) for m in mean), tuple(round(v ** 0.5, 4) for v in var)
 
 def run_view_config(run:Run, train:ImageData) -> ViewConfig:
     "The method's training views for this dataset (size, channels, normalisation from the data)."
@@ -385,7 +390,7 @@ def score_points(run:Run, split:Split, train:ImageData, test:ImageData|None) -> 
         if len(ix) > run.params['max_score_per_set']: ix = np.sort(rng.choice(ix, run.params['max_score_per_set'], replace=False))
         src = test if (r == 'extra' and split.extra_from == 'test') else train
         imgs.append(src.images[ix]); idx.append(ix); roles += [r] * len(ix); labels.append(src.labels[ix].numpy())
-    return torch.cat(imgs), np.concatenate(idx), np.array(roles), np.concatenate(labels)
+    return cat_images(imgs), np.concatenate(idx), np.array(roles), np.concatenate(labels)
 
 def score_run(run:Run, f:Encoder, g:Encoder, split:Split, train:ImageData, test:ImageData|None, vc:ViewConfig, shard:bool=False) -> dict:
     "SSLMem of every set with every feature variant; writes `scores.csv` and `scores_all.csv` (under torch.distributed with `shard`: scored by all processes, written by rank 0)."

@@ -18,6 +18,7 @@ from .io import atomic_torch_save, atomic_write_json
 from .models import save_encoder, CheckpointError, lightly_module
 from .probe import extract_features, knn_accuracy
 from .augment import view_shard
+from .data import image_batches
 
 # %% ../nbs/07_train.ipynb #c005
 @dataclass
@@ -117,7 +118,7 @@ def changed_keys(a:dict, b:dict) -> list:
     return sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True))
 
 def fit(method,                        # an `SSLMethod`
-        images:torch.Tensor,           # uint8 (N, C, H, W): the training set
+        images,                        # uint8 (N, C, H, W): the training set, a tensor or `LazyImages` (streamed from disk)
         cfg:TrainConfig,
         out_dir,                       # checkpoints, history and the final encoder go here
         device='cpu',
@@ -135,7 +136,7 @@ def fit(method,                        # an `SSLMethod`
     sig = run_signature(method, cfg, data_id)
     rank, world = dist_info()
     method.to(device, memory_format=torch.channels_last)          # NHWC convolutions: 1.3x faster steps on the 2-core CPU (see Benchmarks)
-    images = images.to(device)
+    if isinstance(images, torch.Tensor): images = images.to(device)  # in memory: on the device once; LazyImages: read per batch
     opt = make_optimizer(method, cfg)
     bs = min(cfg.batch_size, n)
     if bs % world: raise ValueError(f'the batch of {bs} images must split evenly over the {world} processes')
@@ -165,10 +166,10 @@ def fit(method,                        # an `SSLMethod`
     for epoch in range(start, cfg.epochs):
         method.train()
         t0, losses = time.perf_counter(), []
-        perm = torch.randperm(n, generator=gen).to(device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs + rank * local:i * bs + (rank + 1) * local]    # this process's slice of the global batch
-            with view_shard(rank, world): loss = model(images[idx], gen)
+        perm = torch.randperm(n, generator=gen).to(device if isinstance(images, torch.Tensor) else 'cpu')
+        mine = [perm[i * bs + rank * local:i * bs + (rank + 1) * local] for i in range(steps_per_epoch)]   # this process's slice of each global batch
+        for i, xb in enumerate(image_batches(images, mine, device)):
+            with view_shard(rank, world): loss = model(xb, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
