@@ -7,7 +7,7 @@ __all__ = ['SECTIONS', 'machine', 'timed', 'per_image_protocol', 'forward_bound'
            'score_variance', 'profile_step', 'bench_forward_variants', 'bench_streaming', 'run_benchmarks', 'main']
 
 # %% ../nbs/17_bench.ipynb #c004
-import json, platform, resource, subprocess, sys, time
+import json, os, platform, resource, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +159,20 @@ def _png_folder(images:torch.Tensor, d:Path, size:int|None=None) -> Path:
         im.save(d / 'all' / f'{i:06d}.png', compress_level=1)
     return d
 
-def _peak_rss_mb(folder:Path, stream:bool, batch_size:int) -> float:
-    "Peak resident memory (MB) of a fresh process that loads `folder` (streamed or into memory) and reads every image once in batches."
-    code = (f'import resource\nfrom memssl.data import load_folder, image_batches\nd = load_folder({str(folder)!r}, stream={stream})\n'
-            f'for x in image_batches(d.images, [slice(i, i + {batch_size}) for i in range(0, len(d), {batch_size})]): pass\n'
-            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)')
+def _peak_rss_mb(folder:Path|None, stream:bool=False, batch_size:int=256) -> float:
+    "Peak resident memory (MB) of a fresh process that imports memssl and loads `folder` (streamed or into memory), reading every image once in batches."
+    code = 'import resource\nfrom memssl.data import load_folder, image_batches\n'
+    if folder is not None:
+        code += (f'd = load_folder({str(folder)!r}, stream={stream})\n'
+                 f'for x in image_batches(d.images, [slice(i, i + {batch_size}) for i in range(0, len(d), {batch_size})]): pass\n')
+    # VmHWM: this process's own peak (ru_maxrss would carry over the peak of the process that started it, kept across exec on Linux)
+    code += ("try: print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
+             'except OSError: print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)')
     return float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
 def bench_streaming(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Tensor, workdir,
                     batch_size:int=256, n:int=4096, big_n:int=2000, big_size:int=224, repeats:int=2, device='cpu') -> dict:
-    "Reading and training images/s from memory against streamed from a PNG folder; peak memory of in-memory against streamed loading at `big_size` px."
+    "Reading and training images/s from memory against streamed from a PNG folder; peak memory of in-memory against streamed loading at `big_size` px, for `big_n` and half as many images."
     from memssl.data import load_folder, image_batches, loader_workers
     work = Path(workdir)
     lazy = load_folder(_png_folder(images[:n], work / 'native'), stream=True).images
@@ -182,22 +186,28 @@ def bench_streaming(method:str, encoder_config:dict, vc:ViewConfig, images:torch
                   streamed_workers=timed(lambda: read(lazy, w), repeats))
     m = build_method(method, encoder_config, vc, init_seed=0).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-    def train(x):
+    def train(x, workers=None):
         gen = torch.Generator().manual_seed(0)
-        for s, xb in enumerate(image_batches(x, batches, device)):
+        for s, xb in enumerate(image_batches(x, batches, device, workers)):
             loss = m.training_loss(xb, gen); opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); m.on_step_end(s, len(batches))
     on_dev = mem.to(device)
-    t_train = dict(memory=timed(lambda: train(on_dev), repeats), streamed=timed(lambda: train(lazy), repeats))
+    t_train = dict(memory=timed(lambda: train(on_dev), repeats), streamed=timed(lambda: train(lazy), repeats),     # streamed: `w` workers
+                   streamed_with_workers=timed(lambda: train(lazy, max(1, w)), repeats))                          # at least one worker
     big = _png_folder(images[:big_n], work / 'big', big_size)
     n_big = len(images[:big_n])
+    half = work / 'half' / 'all'; half.mkdir(parents=True)                 # the first half of the same files
+    for f in sorted((big / 'all').iterdir())[:n_big // 2]: os.link(f, half / f.name)
     big_lazy = load_folder(big, stream=True).images
     t_big = timed(lambda: [None for _ in image_batches(big_lazy, [slice(i, i + bs) for i in range(0, n_big, bs)], 'cpu', w)], 1)
+    folders = {n_big // 2: half.parent, n_big: big}
     return dict(method=method, n=n, image_shape=list(mem.shape[1:]), batch_size=bs, workers=w,
                 read_images_s={k: len(batches) * bs / t for k, t in t_read.items()},
                 train_images_s={k: len(batches) * bs / t for k, t in t_train.items()},
-                train_ratio_streamed_to_memory=t_train['streamed'] / t_train['memory'],
-                big=dict(n=n_big, image_shape=list(big_lazy.shape[1:]), pixels_mb=n_big * int(np.prod(big_lazy.shape[1:])) / 2**20,
-                         peak_rss_mb=dict(memory=_peak_rss_mb(big, False, bs), streamed=_peak_rss_mb(big, True, bs)),
+                train_ratio_streamed_to_memory=t_train['streamed'] / t_train['memory'], workers_with=max(1, w),
+                train_ratio_with_workers_to_memory=t_train['streamed_with_workers'] / t_train['memory'],
+                big=dict(ns=list(folders), image_shape=list(big_lazy.shape[1:]), bytes_per_image=int(np.prod(big_lazy.shape[1:])),
+                         peak_rss_mb=dict(baseline=_peak_rss_mb(None), memory=[_peak_rss_mb(d, False, bs) for d in folders.values()],
+                                          streamed=[_peak_rss_mb(d, True, bs) for d in folders.values()]),
                          streamed_read_images_s=n_big / t_big))
 
 # %% ../nbs/17_bench.ipynb #c016

@@ -37,6 +37,7 @@ def run(d: Path, folder: Path, name: str, cap: int | None, monkeypatch) -> tuple
     monkeypatch.setenv('MEMSSL_DATA', str(d / 'data_root'))      # where the fingerprint of a streamed folder is remembered
     if cap is None: monkeypatch.delenv('MEMSSL_STREAM_BYTES', raising=False)
     else: monkeypatch.setenv('MEMSSL_STREAM_BYTES', str(cap))
+    monkeypatch.setenv('MEMSSL_WORKERS', '2')                   # streamed batches read by 2 forked DataLoader workers
     torch.set_num_threads(1)
     run_distributed({**PARAMS, 'dataset': f'folder:{folder}', 'run_dir': str(d / name)})
     return d / name, [int(x) for x in log.read_text().split()] if log.exists() else []
