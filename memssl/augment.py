@@ -20,7 +20,7 @@ from torchvision.ops import roi_align
 class ViewConfig:
     "Parameters of the SimCLR view pipeline (after Chen et al. 2020, as used by the paper)."
     size: int = 32                          # side of the output views
-    channels: int = 3                       # 1 (grey) or 3 (RGB)
+    channels: int = 3                       # channels of the images: 1 (grey) or 3 (RGB)
     crop_scale: tuple = (0.08, 1.0)         # RandomResizedCrop area fraction range
     crop_ratio: tuple = (3/4, 4/3)          # RandomResizedCrop aspect ratio range
     flip_p: float = 0.5                     # horizontal flip probability
@@ -30,18 +30,33 @@ class ViewConfig:
     mean: tuple = (0.5, 0.5, 0.5)           # per-channel mean for normalisation
     std: tuple = (0.5, 0.5, 0.5)            # per-channel std for normalisation
     mask_ratio: float = 0.0                 # fraction of ViT patches hidden in each view (MAE); 0: none
+    grey_to_rgb: bool = False               # repeat 1-channel images to 3 channels first (PIL's convert('RGB')): 3-channel views
 
     def __post_init__(self):
         self.crop_scale, self.crop_ratio, self.jitter = tuple(self.crop_scale), tuple(self.crop_ratio), tuple(self.jitter)
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         if self.channels not in (1, 3): raise ValueError(f'channels must be 1 or 3, got {self.channels}')
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f'mean/std need {self.channels} values, got {self.mean} / {self.std}')
+        if not isinstance(self.grey_to_rgb, bool): raise ValueError(f'grey_to_rgb must be True or False, got {self.grey_to_rgb!r}')
+        if self.grey_to_rgb and self.channels != 1:
+            raise ValueError(f'grey_to_rgb repeats 1-channel images to 3 channels; channels must be 1, got {self.channels}')
+        n = self.view_channels
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f'mean/std need {n} values' + (' (grey_to_rgb: the views have 3 channels)' if self.grey_to_rgb else '')
+                             + f', got {self.mean} / {self.std}')
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1): raise ValueError(f'crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}')
         if not 0 <= self.mask_ratio < 1: raise ValueError(f'mask_ratio must be in [0, 1), got {self.mask_ratio}')
 
-    def to_dict(self): return asdict(self)
+    @property
+    def view_channels(self) -> int:
+        "Channels of the views: 3 with `grey_to_rgb`, else the images' `channels`."
+        return 3 if self.grey_to_rgb else self.channels
+
+    def to_dict(self):
+        "The fields as a dict; `grey_to_rgb` only when set, so a config's dict is the one it had before the field existed."
+        d = asdict(self)
+        if not self.grey_to_rgb: del d['grey_to_rgb']
+        return d
 
 def simclr_views(size:int,                 # image side
                  channels:int,             # 1 or 3
@@ -98,6 +113,7 @@ def normalize(x:torch.Tensor, cfg:ViewConfig) -> torch.Tensor:
 
 def to_input(images:torch.Tensor, cfg:ViewConfig) -> torch.Tensor:
     "uint8 `(B, C, H, W)` -> the un-augmented, resized, normalised network input (for probes)."
+    if cfg.grey_to_rgb and images.shape[1] == 1: images = images.repeat(1, 3, 1, 1)   # (B, 3, H, W): the grey channel repeated
     x = images.float() / 255
     if x.shape[-1] != cfg.size or x.shape[-2] != cfg.size:
         x = F.interpolate(x, size=(cfg.size, cfg.size), mode='bilinear', align_corners=False, antialias=True)
@@ -117,9 +133,10 @@ def sample_params(n:int, h:int, w:int, cfg:ViewConfig, gen:torch.Generator) -> d
     return p
 
 def apply_params(images:torch.Tensor, p:dict, cfg:ViewConfig) -> torch.Tensor:
-    "Apply drawn view parameters to uint8 `(B, C, H, W)` images -> normalised float `(B, C, size, size)`."
+    "Apply drawn view parameters to uint8 `(B, C, H, W)` images -> normalised float `(B, C, size, size)` (3 channels with `cfg.grey_to_rgb`)."
     if images.dtype != torch.uint8: raise TypeError(f'augment expects uint8 images, got {images.dtype}')
     if images.shape[1] != cfg.channels: raise ValueError(f'images have {images.shape[1]} channels but the view config expects {cfg.channels}')
+    if cfg.grey_to_rgb: images = images.repeat(1, 3, 1, 1)                   # (B, 3, H, W): the grey channel repeated
     B, C, H, W = images.shape
     dev = images.device
     col = lambda t: t.to(dev).view(B, 1, 1, 1)

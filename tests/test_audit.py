@@ -65,6 +65,7 @@ def test_swapped_memssl_checkpoints_are_refused(memssl_run):
     assert out.returncode == 1
     status = json.loads((d / 'audit-swapped' / 'status.json').read_text())
     assert status['state'] == 'failed' and 'f and g are swapped' in status['error']
+    assert 'f and g are swapped' in out.stdout + out.stderr, out.stdout + out.stderr
     assert not is_complete(d / 'audit-swapped')
 
 
@@ -76,10 +77,10 @@ def test_same_file_twice_is_refused_before_anything_is_written(memssl_run, tmp_p
     assert not (tmp_path / 'x').exists()
 
 
-def test_lightly_checkpoints_are_audited_end_to_end(memssl_run):
+def lightly_pair(d):
     "Two lightly-style Lightning checkpoints (a ResNet-18 cut at its pooling layer, lightly's SimCLR head), each trained for a step."
-    d, npz, r = memssl_run
     for seed, name in ((0, 'f'), (1, 'g')):
+        if (d / f'{name}.ckpt').exists(): continue
         torch.manual_seed(seed)
         backbone = torch.nn.Sequential(*list(torchvision.models.resnet18(weights=None).children())[:-1])
         head = lightly_module('lightly.models.modules').SimCLRProjectionHead(512, 512, 128)
@@ -88,10 +89,78 @@ def test_lightly_checkpoints_are_audited_end_to_end(memssl_run):
         opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1); loss.backward(); opt.step()
         sd = {**{f'backbone.{k}': v for k, v in backbone.state_dict().items()}, **{f'projection_head.{k}': v for k, v in head.state_dict().items()}}
         torch.save({'epoch': 1, 'global_step': 1, 'state_dict': sd}, d / f'{name}.ckpt')
-    out = score('--f', d / 'f.ckpt', '--g', d / 'g.ckpt', '--split', r.dir / 'split.json', '--dataset', f'npz:{npz}', '--format', 'lightly',
+    return d / 'f.ckpt', d / 'g.ckpt'
+
+
+def test_lightly_checkpoints_are_audited_end_to_end(memssl_run):
+    "The backbone and lightly's projection head are both scored: four feature variants, the head's L2-normalised output primary."
+    d, npz, r = memssl_run
+    f, g = lightly_pair(d)
+    out = score('--f', f, '--g', g, '--split', r.dir / 'split.json', '--dataset', f'npz:{npz}', '--format', 'lightly',
                 '--arch', 'resnet18', '--run-dir', d / 'audit-lightly', '--set', 'device=cpu', '--set', 'n_views=4')
     assert out.returncode == 0, out.stdout + out.stderr
     a = pd.read_csv(d / 'audit-lightly' / 'scores.csv')
     assert sorted(a['idx']) == sorted(r.scores['idx']) and a['sslmem'].notna().all()
     p = json.loads((d / 'audit-lightly' / 'params.json').read_text())
     assert p['files']['f']['sha256'] != p['files']['g']['sha256'] and p['split']['hash']
+    every = pd.read_csv(d / 'audit-lightly' / 'scores_all.csv')
+    assert sorted(set(every['features'])) == ['output', 'output_norm', 'projector', 'projector_norm']
+    assert every.groupby('features').size().nunique() == 1 and every['sslmem'].notna().all()
+    m = json.loads((d / 'audit-lightly' / 'metrics.json').read_text())
+    assert m['score_features'] == 'projector_norm'
+
+
+@pytest.fixture(scope='module')
+def grey_data(tmp_path_factory):
+    "A grey npz dataset (N x H x W images) and a split manifest of it."
+    import numpy as np
+    from memssl.data import load_dataset
+    from memssl.splits import random_split
+    d = tmp_path_factory.mktemp('grey')
+    rng = np.random.default_rng(0)
+    np.savez(d / 'grey.npz', images=rng.integers(0, 256, (120, 16, 16), dtype=np.uint8), labels=np.arange(120) % 4,
+             test_images=rng.integers(0, 256, (20, 16, 16), dtype=np.uint8), test_labels=np.arange(20) % 4)
+    data = load_dataset(f"npz:{d / 'grey.npz'}")
+    assert data.images.shape[1] == 1
+    random_split(len(data), 40, 20, 20, 20, seed=1, dataset=data.name, fingerprint=data.fingerprint).save(d / 'split.json')
+    return d, f"npz:{d / 'grey.npz'}", d / 'split.json'
+
+
+IMAGENET = ['--set', 'mean=[0.485,0.456,0.406]', '--set', 'std=[0.229,0.224,0.225]']
+
+
+def test_dry_run_checks_the_length_of_mean_and_std_on_grey_data(grey_data):
+    "Grey data takes 1 value (grey views) or 3 (views of the image repeated to RGB, as PIL's convert('RGB') makes them); nothing else."
+    d, data, split = grey_data
+    f, g = lightly_pair(d)
+    args = ['--f', f, '--g', g, '--split', split, '--dataset', data, '--format', 'lightly', '--arch', 'resnet18', '--run-dir', d / 'dry', '--dry-run']
+    ok = score(*args, *IMAGENET)
+    assert ok.returncode == 0 and 'parameters ok' in ok.stdout, ok.stdout + ok.stderr
+    bad = score(*args, '--set', 'mean=[0.5,0.5]', '--set', 'std=[0.5,0.5]')
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert 'mean has 2 values' in bad.stderr and '1 or 3' in bad.stderr, bad.stderr
+    assert not (d / 'dry').exists()
+
+
+def test_three_channel_encoder_on_grey_data_with_imagenet_statistics(grey_data):
+    "An encoder trained on RGB copies of grey images, normalised with ImageNet's statistics, is audited on those views."
+    d, data, split = grey_data
+    f, g = lightly_pair(d)
+    out = score('--f', f, '--g', g, '--split', split, '--dataset', data, '--format', 'lightly', '--arch', 'resnet18',
+                '--run-dir', d / 'audit-rgb', '--set', 'device=cpu', '--set', 'n_views=4', *IMAGENET)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert is_complete(d / 'audit-rgb')
+    every = pd.read_csv(d / 'audit-rgb' / 'scores_all.csv')
+    assert len(every) == 4 * 100 and every['sslmem'].notna().all()
+
+
+def test_a_failed_audit_prints_its_reason(memssl_run, tmp_path):
+    "Weights that do not fit the stated architecture: the audit fails, and the command prints why (from status.json)."
+    d, npz, r = memssl_run
+    for seed, name in ((0, 'f'), (1, 'g')):
+        torch.manual_seed(seed); torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / f'{name}.pt')
+    out = score('--f', tmp_path / 'f.pt', '--g', tmp_path / 'g.pt', '--split', r.dir / 'split.json', '--dataset', f'npz:{npz}',
+                '--format', 'torchvision', '--arch', 'resnet50', '--run-dir', tmp_path / 'audit', '--set', 'device=cpu', '--set', 'n_views=4')
+    assert out.returncode == 1
+    assert 'the weights do not fit the backbone' in out.stdout + out.stderr, out.stdout + out.stderr
+    assert 'memssl-score: failed' in out.stdout + out.stderr
