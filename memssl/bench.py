@@ -112,6 +112,19 @@ def score_variance(f:nn.Module, g:nn.Module, images:torch.Tensor, vc:ViewConfig,
     return rows
 
 # %% ../nbs/17_bench.ipynb #c010
+from contextlib import contextmanager
+
+@contextmanager
+def _quiet_profiler():
+    """Silence what PyTorch's profiler library prints from C++ on a machine without a GPU (`profiler_start`, `profiler_stop`,
+    `gpuGetDeviceCount failed with code 35`): the process's stderr is sent to /dev/null for the block. On a GPU nothing is hidden."""
+    if torch.cuda.is_available(): yield; return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2); os.close(null)
+    try: yield
+    finally: sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
+
 def profile_step(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Tensor, batch_size:int=256, steps:int=3, top:int=12, device='cpu') -> list:
     "The operators taking the most time in `steps` training steps: [{op, ms, share}]."
     from torch.profiler import profile, ProfilerActivity
@@ -119,11 +132,12 @@ def profile_step(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Te
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     gen, batch = torch.Generator().manual_seed(0), images[:batch_size].to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
-        for s in range(steps):
-            loss = m.training_loss(batch, gen); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    with _quiet_profiler():
+        with profile(activities=acts) as prof:
+            for s in range(steps):
+                loss = m.training_loss(batch, gen); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        ev = [e for e in prof.key_averages()]
     key = 'self_cuda_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
-    ev = [e for e in prof.key_averages()]
     total = sum(getattr(e, key) for e in ev) or 1
     ev.sort(key=lambda e: -getattr(e, key))
     return [dict(op=e.key, ms=getattr(e, key) / 1000 / steps, share=getattr(e, key) / total) for e in ev[:top]]

@@ -14,7 +14,8 @@ import torch
 from .io import pick_device
 from .data import load_dataset
 from .splits import load_split
-from .train import dist_info, barrier, _fit_job
+from .io import dist_info, barrier, RunLocked
+from .train import _fit_job
 from .runs import (validate_params, start_run, Run, RunError, load_run_data, make_run_split, run_view_config, training_jobs,
                          load_encoders, score_run, tests_all_variants, probe_run, finish_run)
 
@@ -33,9 +34,15 @@ def run_distributed(params:dict) -> dict|None:
     "An SSLMem run in this process group: DDP training of f and g, sharded scoring, probes and metrics on rank 0 (returns its metrics there)."
     rank, world, dev = init_distributed(params.get('device', 'auto'))
     p = validate_params({**params, 'device': str(dev), 'parallel': False})
+    err = None
     if rank == 0:
-        run = start_run(p); train, test = load_run_data(run); split = make_run_split(run, train, test)
-    barrier()
+        try: run = start_run(p); train, test = load_run_data(run); split = make_run_split(run, train, test)
+        except (RunLocked, RunError, ValueError, FileNotFoundError) as e: err = e
+    if world > 1:                                                 # every rank stops when rank 0 cannot start (no rank left at a barrier)
+        said = [None if err is None else (type(err).__name__, str(err))]
+        torch.distributed.broadcast_object_list(said, 0)
+        if said[0] is not None and rank > 0: raise (RunLocked(p['run_dir'], {}) if said[0][0] == 'RunLocked' else RunError(said[0][1]))
+    if err is not None: raise err
     if rank > 0:
         run = Run(p)
         train = load_dataset(p['dataset'], p['data_root'], 'train')
@@ -69,6 +76,8 @@ def main(argv=None):
         k, v = kv.split('=', 1); p[k] = yaml.safe_load(v)
     if a.run_dir: p['run_dir'] = a.run_dir
     try: m = run_distributed(p)
+    except RunLocked as e:
+        print(f'memssl-train: {e}', file=sys.stderr); return 3
     except (RunError, ValueError, FileNotFoundError) as e:
         print(f'memssl-train: {e}', file=sys.stderr); return 2
     finally:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .augment import ViewConfig, make_views, sample_params, slice_params
 from .models import Encoder
-from .train import dist_info
+from .io import dist_info
 from .data import image_batches
 
 FEATURES = ('backbone', 'backbone_norm', 'projector', 'projector_norm')
@@ -37,11 +37,15 @@ def pairwise_alignment(z:torch.Tensor) -> torch.Tensor:
 def encode_variants(model:nn.Module, x:torch.Tensor, features, keep:torch.Tensor|None=None) -> dict:
     "Features of a batch `(N, C, H, W)` for each requested variant -> {variant: (N, D)}; a ViT sees only patches `keep` `(N, K)` if given."
     if not isinstance(model, Encoder):
-        bad = [v for v in features if v not in ('output', 'output_norm')]
-        if bad: raise ValueError(f"a plain nn.Module has the feature variants 'output' and 'output_norm' (L2-normalised); got {bad}")
+        head = callable(getattr(model, 'forward_both', None))                  # forward_both(x) -> (output, head output)
+        known = ('output', 'output_norm') + (('projector', 'projector_norm') if head else ())
+        bad = [v for v in features if v not in known]
+        if bad and not head: raise ValueError(f"a plain nn.Module has the feature variants 'output' and 'output_norm' (L2-normalised); got {bad}")
+        if bad: raise ValueError(f'a module with a projection head (forward_both) has the feature variants {list(known)}; got {bad}')
         if keep is not None: raise ValueError('masked views need a memssl Encoder with a ViT backbone')
-        z = model(x).flatten(1)                                                  # (N, D)
-        return {v: F.normalize(z, dim=1) if v == 'output_norm' else z for v in features}
+        h, z = model.forward_both(x) if any(v.startswith('projector') for v in features) else (model(x), None)
+        base = {'output': h.flatten(1), 'projector': None if z is None else z.flatten(1)}   # (N, D), (N, P)
+        return {v: F.normalize(base[v.removesuffix('_norm')], dim=1) if v.endswith('_norm') else base[v] for v in features}
     bad = [v for v in features if v not in FEATURES]
     if bad: raise ValueError(f'unknown feature variants {bad}; known: {FEATURES}')
     if keep is not None: h, z = model.forward_visible(x, keep)
@@ -64,7 +68,7 @@ def alignment_scores(f:nn.Module, g:nn.Module,
                      images,                      # uint8 (N, C, H, W): the points to score (a tensor, or `LazyImages` streamed from disk)
                      view_config:ViewConfig,      # the method's training augmentations
                      n_views:int=16,              # K views per point, shared by f and g
-                     features=('projector',),     # variants to compute (see FEATURES), or ('output',) for plain modules
+                     features=('projector',),     # variants to compute (see FEATURES), or ('output',) for plain modules without a head
                      batch_size:int=128,          # points per batch (x K views)
                      seed:int=0,                  # seed of the views
                      device='cpu', progress:bool=False,
@@ -120,7 +124,7 @@ def sslmem_scores(f:nn.Module, g:nn.Module,
     indices = np.asarray(indices)
     if len(indices) != len(images): raise ValueError(f'{len(indices)} indices for {len(images)} images')
     if view_config is None: view_config = scoring_views(f, g)
-    if not isinstance(f, Encoder) and features == 'projector': features = 'output'
+    if not isinstance(f, Encoder) and not callable(getattr(f, 'forward_both', None)) and features == 'projector': features = 'output'
     single = isinstance(features, str)
     res = alignment_scores(f, g, images, view_config, n_views, [features] if single else features, batch_size, seed, device, progress, shard)
     dfs = {v: add_normalisations(pd.DataFrame({'idx': indices, 'align_f': af, 'align_g': ag, 'sslmem': ag - af}))

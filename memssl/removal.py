@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .io import atomic_write_json, atomic_write_text, read_json, pick_device, package_versions, git_commit
+from .io import atomic_write_json, atomic_write_text, read_json, pick_device, package_versions, git_commit, run_machine
 from .data import load_dataset, ImageData, LazyImages
 from .models import load_encoder, Encoder
 from .train import fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
-from .runs import (RunError, Run, set_status, check_same_run, claim_run, params_id, resolve_paths, check_dataset_name, check_training_params,
+from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
@@ -367,7 +367,7 @@ def finish_removal_run(run:Run, sc:dict, levers:pd.DataFrame, canaries:pd.DataFr
              reliability=_records(sc['reliability']), canaries=_records(canaries), canary_levers=_records(levers),
              memorised=memorised, removal=_records(summary), tests=_records(tests), atypicality=_records(atyp), timings=run.timings)
     atomic_write_json(run.path('metrics.json'), m)
-    set_status(run.dir, 'complete', timings=run.timings)
+    complete_run(run)
     return m
 
 # %% ../nbs/14_removal.ipynb #c027
@@ -512,5 +512,5 @@ def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
         if (r.dir / f).is_file(): atomic_write_text(dest / f, (r.dir / f).read_text())
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   timings=timings or r.metrics.get('timings')))
+                                                   machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
     return dest

@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'NON_RESULT', 'PRESETS', 'ROLE_SETS', 'SSLMEM_RECORD_FILES', 'RunError', 'resolve_dataset',
-           'resolve_paths', 'check_dataset_name', 'validate_params', 'check_training_params', 'params_from',
-           'result_params', 'params_diff', 'params_id', 'apply_preset', 'method_param_names', 'check_method_params',
-           'Run', 'set_status', 'check_same_run', 'start_run', 'claim_run', 'load_run_data', 'make_run_split',
-           'run_provenance', 'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config',
-           'method_hparams', 'parallel_of', 'train_encoders', 'training_jobs', 'load_encoders', 'score_points',
-           'score_run', 'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult',
-           'list_runs', 'run_summary', 'record_sslmem_run', 'method_table']
+           'dataset_label', 'resolve_paths', 'check_dataset_name', 'validate_params', 'check_training_params',
+           'params_from', 'result_params', 'params_diff', 'params_id', 'apply_preset', 'method_param_names',
+           'check_method_params', 'Run', 'set_status', 'check_same_run', 'start_run', 'claim_run', 'complete_run',
+           'load_run_data', 'make_run_split', 'run_provenance', 'check_pair', 'channel_stats', 'run_view_config',
+           'run_encoder_config', 'run_train_config', 'method_hparams', 'parallel_of', 'train_encoders', 'training_jobs',
+           'load_encoders', 'score_points', 'score_run', 'available_tests', 'tests_all_variants', 'probe_run',
+           'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary', 'record_sslmem_run', 'method_table']
 
 # %% ../nbs/09_runs.ipynb #c004
 import hashlib, inspect, json, time
@@ -23,13 +23,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .io import atomic_write_json, atomic_write_text, read_json, package_versions, git_commit, pick_device
+from .io import atomic_write_json, atomic_write_text, read_json, package_versions, git_commit, pick_device, machine_info, run_machine, claim_dir, release_dir
 from .data import load_dataset, ImageData, LazyImages, cat_images, image_batches
 from .splits import get_split, load_split, Split, ROLES
 from .augment import simclr_views, ViewConfig
 from .models import encoder_config, load_encoder, Encoder, BACKBONES, takes_patch_size
 from .methods import METHODS
-from .train import TrainConfig, fit_many, dist_info
+from .train import TrainConfig, fit_many
+from .io import dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
@@ -84,6 +85,12 @@ def resolve_dataset(name):
     if isinstance(name, str) and name.startswith(('npz:', 'folder:')):
         kind, path = name.split(':', 1); return f'{kind}:{Path(path).expanduser().resolve()}'
     return name
+
+def dataset_label(name) -> str:
+    "A dataset name for tables: registry names as they are, `npz:`/`folder:` paths by their file or folder name (`npz:toy` for npz:/data/toy.npz)."
+    if isinstance(name, str) and name.startswith(('npz:', 'folder:')):
+        kind, path = name.split(':', 1); return f'{kind}:{Path(path).stem}'
+    return str(name)
 
 def resolve_paths(p:dict) -> dict:
     "The parameters with every file path (`npz:`/`folder:` datasets, `split_file`, `data_root`) made absolute from the working directory."
@@ -255,14 +262,20 @@ def start_run(params:dict) -> Run:
     return claim_run(run, torch_threads=torch.get_num_threads())
 
 def claim_run(run:Run, **record) -> Run:
-    "Create the run directory, drop any old `metrics.json` (not complete until the end), write `params.json` (parameters, provenance, `record`) and mark it running."
-    run.dir.mkdir(parents=True, exist_ok=True)
+    """Claim the run directory for this process (`memssl.io.RunLocked` if a live process holds it), drop any old `metrics.json`
+    (not complete until the end), write `params.json` (parameters, provenance, machine, `record`) and mark it running."""
+    claim_dir(run.dir)
     run.path('metrics.json').unlink(missing_ok=True)
     p = run.params
     atomic_write_json(run.path('params.json'), dict(params=p, params_id=params_id(p), **record, versions=package_versions(), git_commit=git_commit(),
-                                                    device=str(run.device), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
+                                                    device=str(run.device), machine=machine_info(), started=time.strftime('%Y-%m-%dT%H:%M:%S')))
     set_status(run.dir, 'running')
     return run
+
+def complete_run(run:Run):
+    "Mark the run complete (after its `metrics.json` is written) and give up its claim."
+    set_status(run.dir, 'complete', timings=run.timings)
+    release_dir(run.dir)
 
 # %% ../nbs/09_runs.ipynb #c011
 def load_run_data(run:Run):
@@ -451,7 +464,7 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
              probes=probes, collapsed=[n for n in ('f', 'g') if probes.get(n, {}).get('collapsed')], timings=run.timings,
              final_loss={n: h[-1]['loss'] for n, h in (histories or {}).items() if h})
     atomic_write_json(run.path('metrics.json'), m)
-    set_status(run.dir, 'complete', timings=run.timings)
+    complete_run(run)
     return m
 
 # %% ../nbs/09_runs.ipynb #c013
@@ -492,7 +505,7 @@ def run_summary(runs:list) -> pd.DataFrame:
     rows = []
     for r in runs:
         p, m = r.params, r.metrics
-        ds = p['dataset'] if ':' not in p['dataset'] else p['dataset'].split(':', 1)[0] + ':' + Path(p['dataset'].split(':', 1)[1]).name
+        ds = dataset_label(p['dataset'])
         row = dict(run=r.name, dataset=ds, method=p['method'], backbone=p['backbone'], epochs=p['epochs'],
                    seed=p['seed'], features=m['score_features'])
         row.update({f'mean {k[0].upper()}': v for k, v in m['mean_sslmem'].items()})
@@ -513,7 +526,7 @@ def record_sslmem_run(run_dir, dest, command:str) -> Path:
     for w in ('f', 'g'): atomic_write_json(dest / f'history_{w}.json', r.history(w).to_dict('records'))
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   timings=r.metrics.get('timings')))
+                                                   machine=run_machine(r.meta), timings=r.metrics.get('timings')))
     return dest
 
 def method_table(runs:list, q:float=0.95) -> pd.DataFrame:

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRAIN_FORMAT', 'TrainConfig', 'param_groups', 'make_optimizer', 'lr_factor', 'EpochProgress', 'run_signature',
-           'dist_info', 'barrier', 'mean_over_processes', 'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
+           'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
 
 # %% ../nbs/07_train.ipynb #c004
 import json, math, os, time
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .io import atomic_torch_save, atomic_write_json
+from .io import atomic_torch_save, atomic_write_json, dist_info, barrier, mean_over_processes
 from .models import save_encoder, CheckpointError, lightly_module
 from .probe import extract_features, knn_accuracy
 from .augment import view_shard
@@ -93,21 +93,6 @@ def run_signature(method, cfg:TrainConfig, data_id:str) -> dict:
     "Everything that defines a training run; a resumed run must match it exactly."
     return dict(method=method.name, hparams=method.hparams(), encoder=method.encoder.config,
                 views=method.view_config.to_dict(), train=asdict(cfg), data=data_id)
-
-def dist_info() -> tuple:
-    "(rank, world size) of this process: (0, 1) unless a torch.distributed process group is running."
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
-
-def barrier():
-    "Wait for every process of the group (nothing to wait for in a single process)."
-    if dist_info()[1] > 1: torch.distributed.barrier()
-
-def mean_over_processes(x:torch.Tensor) -> float:
-    "The mean of a scalar over the processes (itself in a single process)."
-    if dist_info()[1] > 1:
-        x = x.clone(); torch.distributed.all_reduce(x); x /= dist_info()[1]
-    return x.item()
 
 def cpu_rng_state(state:torch.Tensor) -> torch.Tensor:
     "A generator state as `torch.Generator.set_state` needs it (a CPU byte tensor), wherever a load put it."

@@ -161,3 +161,31 @@ def test_methods_page_shows_every_recorded_method(book):
     plain = H.unescape(text)                                   # table headers may or may not have their > and < escaped
     for t in ('p(C > S)', 'p(C > E)', 'p(I < S)', 'p(I < E)', 'highly memorised C', 'kNN random', 'spread f'):
         assert t in plain, t
+
+
+FIT_SCRIPT = """<script>window.addEventListener('load', () => { const bad = []; const art = document.querySelector('article');
+document.querySelectorAll('article table').forEach((t, i) => { let p = t.parentElement;
+  while (p && p !== art && !(p.scrollWidth > p.clientWidth + 1)) p = p.parentElement;
+  if ((p && p !== art) || t.getBoundingClientRect().right > art.getBoundingClientRect().right + 1)
+    bad.push([i, Math.round(t.getBoundingClientRect().width), (t.querySelector('th') || {}).textContent]); });
+document.body.setAttribute('data-overflow', JSON.stringify(bad)); });</script>"""
+
+
+def test_every_table_fits_a_1400_pixel_window(book, tmp_path):
+    "In a 1,400-pixel browser window no table of any page is wider than the page column (none needs scrolling to show its right-hand columns)."
+    import json
+    root, html = book
+    copy = tmp_path / 'html'
+    shutil.copytree(html, copy)
+    bad, checked = {}, 0
+    for page in sorted(copy.rglob('*.html')):
+        if '_static' in page.parts or page.name in ('genindex.html', 'search.html', 'index.html'): continue
+        page.write_text(page.read_text().replace('</body>', FIT_SCRIPT + '</body>'))
+        dom = chromium('--window-size=1400,1000', '--dump-dom', page.as_uri(), profile=tmp_path / 'profile').stdout
+        m = re.search(r'data-overflow="([^"]*)"', dom)
+        assert m, f'{page.name}: the check script did not run'
+        checked += 1
+        rows = json.loads(m.group(1).replace('&quot;', '"'))
+        if rows: bad[str(page.relative_to(copy))] = rows
+    assert checked >= 20, checked
+    assert not bad, f'tables wider than the page column at 1,400 px (table number, width in px, first header): {bad}'

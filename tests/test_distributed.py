@@ -21,7 +21,8 @@ FIT = textwrap.dedent('''
     from memssl.augment import simclr_views
     from memssl.methods import build_method
     from memssl.models import encoder_config
-    from memssl.train import fit, TrainConfig, dist_info
+    from memssl.train import fit, TrainConfig
+    from memssl.io import dist_info
     from memssl.distributed import init_distributed
     out, method = sys.argv[1], sys.argv[2]
     rank, world, dev = init_distributed('cpu')
