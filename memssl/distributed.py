@@ -17,7 +17,7 @@ from .splits import load_split
 from .io import dist_info, barrier, RunLocked
 from .train import _fit_job
 from .runs import (validate_params, start_run, Run, RunError, load_run_data, make_run_split, run_view_config, training_jobs,
-                         load_encoders, score_run, tests_all_variants, probe_run, finish_run)
+                         load_encoders, load_pairs, score_run, score_pairs, tests_all_variants, probe_run, finish_run)
 
 def init_distributed(device='auto') -> tuple:
     "Join the torchrun process group if there is one: (rank, world size, this process's device). gloo on CPUs, NCCL on GPUs."
@@ -52,11 +52,13 @@ def run_distributed(params:dict) -> dict|None:
     vc = run_view_config(run, train)
     hist = {}
     with run.timed('train'):
-        for job in training_jobs(run, train, split, vc):
-            if dev.type == 'cuda': job['sync_batchnorm'] = True
-            hist[job['name']] = _fit_job(job)
-    f, g = load_encoders(run, split, train)
-    scores = score_run(run, f, g, split, train, test, vc, shard=True)
+        for pair in range(p['n_pairs']):
+            for job in training_jobs(run, train, split, vc, pair=pair):
+                if dev.type == 'cuda': job['sync_batchnorm'] = True
+                hist[job['name']] = _fit_job(job)
+    pairs = load_pairs(run, split, train)
+    f, g = pairs[0]
+    scores = score_pairs(run, pairs, split, train, test, vc, shard=True)
     metrics = None
     if rank == 0:
         metrics = finish_run(run, tests_all_variants(scores), probe_run(run, f, g, train, test, vc), hist)

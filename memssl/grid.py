@@ -7,7 +7,7 @@ __all__ = ['default_notebook', 'experiments', 'run_id', 'load_grid', 'execute_ru
            'failure_reason', 'run_grid', 'grid_summary', 'make_executor', 'submitted_run', 'main']
 
 # %% ../nbs/11_grid.ipynb #c004
-import argparse, itertools, re, shutil, sys, time
+import argparse, itertools, json, re, shutil, sys, time
 from pathlib import Path
 
 import yaml
@@ -47,8 +47,8 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     if not path.is_file(): raise FileNotFoundError(f'no grid file at {path}')
     try: spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e: raise ValueError(f'grid file {path} is not valid YAML: {e}') from None
-    unknown = set(spec) - {'experiment', 'name', 'notebook', 'runs_root', 'base', 'grid', 'description'}
-    if unknown: raise ValueError(f'grid file {path} has unknown keys {sorted(unknown)}; use experiment, name, notebook, runs_root, base, grid, description')
+    unknown = set(spec) - {'experiment', 'name', 'notebook', 'runs_root', 'base', 'grid', 'variants', 'description'}
+    if unknown: raise ValueError(f'grid file {path} has unknown keys {sorted(unknown)}; use experiment, name, notebook, runs_root, base, grid, variants, description')
     kinds = experiments()
     kind = spec.get('experiment', 'sslmem')
     if kind not in kinds: raise ValueError(f'grid file {path} names experiment {kind!r}; known experiments: {sorted(kinds)}')
@@ -56,15 +56,20 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     base, grid = dict(spec.get('base') or {}), dict(spec.get('grid') or {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v: raise ValueError(f'grid entry {k!r} in {path} must be a non-empty list, got {v!r}')
+    variants = spec.get('variants') or [{}]                    # a list of parameter sets, each crossed with the grid
+    if not isinstance(variants, list) or not all(isinstance(x, dict) for x in variants):
+        raise ValueError(f'variants in {path} must be a list of parameter mappings, got {variants!r}')
     root = Path(spec.get('runs_root', 'runs'))
     runs = []
     keys = list(grid)
-    for combo in itertools.product(*[grid[k] for k in keys]) if keys else [()]:
-        p = {**base, **dict(zip(keys, combo)), **(overrides or {})}
-        rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(p, [k for k in keys if len(grid[k]) > 1], defaults)
+    in_variants = sorted({k for x in variants for k in x if len({json.dumps(y.get(k, base.get(k))) for y in variants}) > 1})
+    varied = [k for k in keys if len(grid[k]) > 1] + [k for k in in_variants if k not in keys]
+    for var, combo in itertools.product(variants, itertools.product(*[grid[k] for k in keys]) if keys else [()]):
+        p = {**base, **var, **dict(zip(keys, combo)), **(overrides or {})}
+        rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(p, varied, defaults)
         try:                                                   # every run checked before any starts
             v = validate({**p, 'run_dir': str(root / rid)})
-            rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(v, [k for k in keys if len(grid[k]) > 1], defaults)
+            rid = (f"{_slug(spec['name'])}-" if spec.get('name') else '') + run_id(v, varied, defaults)
             runs.append((rid, {**v, 'run_dir': str(root / rid)}))   # the id names the resolved values (a preset's backbone, say)
         except RunError as e: raise RunError(f'run {rid}: {e}') from None
     ids = [r for r, _ in runs]

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['ORDER', 'COLORS', 'LABELS', 'plot_score_hist', 'plot_alignment', 'plot_tests', 'image_grid', 'plot_extremes',
-           'plot_class_means', 'plot_probes', 'plot_history', 'plot_across_runs']
+           'plot_class_means', 'plot_probes', 'plot_history', 'plot_across_runs', 'plot_memorised', 'plot_reliability',
+           'pointwise_summary']
 
 # %% ../nbs/10_report.ipynb #c004
 import numpy as np
@@ -77,12 +78,16 @@ def image_grid(images:torch.Tensor, titles:list, ncols:int=8, title:str|None=Non
     return fig
 
 def plot_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=16, role:str='candidates', score:str='sslmem', ncols:int=8):
-    "The `n` most and least memorised points of a set as two labelled image grids; `images_of(idx)` returns their uint8 images."
+    """The `n` most and least memorised points of a set as two labelled image grids; `images_of(idx)` returns their uint8 images.
+    Each title: class, score, ± its standard error over the run's pairs (when there are several) and * when memorised at the run's FDR."""
     s = scores[scores['split'] == role].sort_values(score, ascending=False)
     figs = []
     for name, part in (('most', s.head(n)), ('least', s.tail(n)[::-1])):
         imgs = images_of(np.array(part['idx'], dtype=np.int64, copy=True))
-        titles = [f"{classes[int(l)][:12]}\n{v:+.3f}" for l, v in zip(part['label'], part[score])]
+        se = part['sslmem_se'] if 'sslmem_se' in part and part['sslmem_se'].notna().any() else None
+        mark = part['memorised'].fillna(False).astype(bool) if 'memorised' in part else pd.Series(False, index=part.index)
+        titles = [f"{classes[int(l)][:12]}\n{v:+.3f}" + (f"±{s:.3f}" if se is not None else '') + ('*' if m else '')
+                  for l, v, s, m in zip(part['label'], part[score], se if se is not None else part[score], mark)]
         figs.append(image_grid(imgs, titles, ncols=ncols, title=f'{name} memorised {role} ({score})'))
     return figs
 
@@ -140,3 +145,76 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
     ax.legend(fontsize=7, frameon=False, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=4)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/10_report.ipynb #278e0f00
+def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
+    "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
+    c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
+    x = np.arange(len(c))
+    mem = c['memorised'].fillna(False).astype(bool).to_numpy() if 'memorised' in c else np.zeros(len(c), bool)
+    se = c['sslmem_se'].to_numpy() if 'sslmem_se' in c and c['sslmem_se'].notna().any() else None
+    ax.errorbar(x[~mem], c['sslmem'][~mem], yerr=None if se is None else se[~mem], fmt='.', ms=2, lw=0.5, color='#999999', label='candidates')
+    ax.errorbar(x[mem], c['sslmem'][mem], yerr=None if se is None else se[mem], fmt='.', ms=3, lw=0.7, color=COLORS['candidates'],
+                label=f'memorised at FDR {fdr:g} ({mem.sum()})' if fdr else f'memorised ({mem.sum()})')
+    e = scores.loc[scores['split'] == 'extra', 'sslmem']
+    if len(e): ax.axhspan(*np.quantile(e, [0.05, 0.95]), color=COLORS['extra'], alpha=0.15, label='extra set, 5-95%')
+    ax.set_xlabel('candidates, sorted by mean SSLMem'); ax.set_ylabel('SSLMem (mean ± s.e.)')
+    ax.legend(fontsize=7, frameon=False, loc='upper left'); ax.set_title(title or 'Which candidates are memorised', fontsize=9)
+    fig.tight_layout()
+    return fig
+
+def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
+    "Split-half reliability curves {label: DataFrame with k, r, r_sd (and `x`, e.g. train minutes)}: r against `x`, one line per label."
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.2))
+    for label, c in curves.items():
+        ax.errorbar(c[x], c['r'], yerr=c['r_sd'], marker='o', ms=3, capsize=2, label=label)
+    if target: ax.axhline(target, color='k', lw=0.6, ls='--')
+    ax.set_ylim(min(0, min(c['r'].min() for c in curves.values()) - 0.05), 1)
+    ax.set_xlabel({'k': 'pairs per half (k)', 'minutes': 'encoder-training minutes per half'}.get(x, x))
+    ax.set_ylabel('split-half reliability r'); ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/10_report.ipynb #3a299fbf
+def pointwise_summary(run, scores:dict, features:str) -> dict:
+    """What a run's report shows of its per-point results (from its `scores_pairs.csv` and the per-point `scores`): `text` (a paragraph),
+    `table` (the most memorised candidates with their uncertainty), `figures` and `metrics` (`memssl.pointwise.pointwise_metrics`)."""
+    from pathlib import Path
+    from memssl.pointwise import pointwise_metrics
+    d = Path(getattr(run, 'dir', run))
+    fdr = getattr(run, 'params', {}).get('fdr', 0.1)
+    from memssl.runs import run_canaries
+    can = run_canaries(d)
+    pm = pointwise_metrics(pd.read_csv(d / 'scores_pairs.csv'), scores, fdr, can)[features]
+    s = scores[features]
+    R, lines = pm['n_pairs'], []
+    if pm['n_memorised'] is not None and s['p_value'].notna().any():
+        lines.append(f"**{pm['n_memorised']} of {pm['n_candidates']} candidates ({pm['fraction_memorised']:.1%}) are memorised at a false "
+                     f"discovery rate of {fdr:g}**: their mean SSLMem over the {R} pair{'s' if R > 1 else ''} is higher than a point no encoder "
+                     f"trained on would score, with Benjamini-Hochberg q <= {fdr:g}. Calibration of the p-values: {pm['null_below_005']:.1%} "
+                     f"of the extra set's own points fall below p = 0.05 against the others (5% expected; "
+                     f"{pm['null_below_005_normal']:.1%} with the normal fit's p-values).")
+    if R == 1: lines.append('One pair: no standard errors, reliability or membership test (set `n_pairs` to 2 or more).')
+    else: lines.append(f"Median standard error of a candidate's score: {pm['median_se']:.4f}.")
+    if 'reliability' in pm:
+        rel = pm['reliability']
+        lines.append(f"Split-half reliability of the ranking: r = {rel['r_half']:.2f} between the means of two disjoint halves of "
+                     f"{rel['half']} pair{'s' if rel['half'] > 1 else ''} (one pair against one: {rel['r_one_pair']:.2f}); "
+                     f"extrapolated to all {R} pairs (Spearman-Brown): {rel['r_full']:.2f}.")
+    if 'membership' in pm:
+        m = pm['membership']
+        tpr01 = 'not resolved' if m['tpr_at_01pct'] is None or m['tpr_at_01pct'] != m['tpr_at_01pct'] else f"{m['tpr_at_01pct']:.1%}"
+        lines.append(f"Membership test of each encoder from the other pairs' encoders: AUROC {m['auroc']:.3f}, "
+                     f"true-positive rate {m['tpr_at_1pct']:.1%} at 1% false positives and {tpr01} at 0.1% "
+                     f"({m['members']} member and {m['non_members']} non-member decisions over {m['targets']} target encoders).")
+    cols = [c for c in ('idx', 'label', 'sslmem', 'sslmem_se', 'p_value', 'q_value', 'memorised') if c in s]
+    table = s[s['split'] == 'candidates'].sort_values('sslmem', ascending=False)[cols].head(10).reset_index(drop=True)
+    if pm.get('canaries'):
+        ct = pd.DataFrame(pm['canaries'])
+        lines.append('Canaries (planted in f of half the pairs each, never in g): ' + '; '.join(
+            f"**{r.kind}** AUROC {r.auroc:.2f} against the candidates, median rank {r.median_rank:.0f} of {r.n_candidates + 1}"
+            + (f", higher planted than not for {r.rises:.0%} of {r.n_paired}" if r.n_paired else '') for r in ct.itertuples()) + '.')
+    figs = [plot_memorised(s, fdr)]
+    if 'reliability_curve' in pm: figs.append(plot_reliability({features: pd.DataFrame(pm['reliability_curve'])}))
+    return dict(text='\n\n'.join(lines), table=table.round(5), figures=figs, metrics=pm)

@@ -7,7 +7,7 @@ __all__ = ['TRAIN_FORMAT', 'TrainConfig', 'param_groups', 'make_optimizer', 'lr_
            'cpu_rng_state', 'changed_keys', 'fit', 'fit_many']
 
 # %% ../nbs/07_train.ipynb #c004
-import json, math, os, time
+import contextlib, json, math, os, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -34,6 +34,7 @@ class TrainConfig:
     schedule:str = 'cosine'       # 'cosine' (to 0) or 'constant'
     seed:int = 0                  # data order and views
     knn_every:int = 0             # epochs between kNN monitor evaluations (0: off)
+    amp:str = 'none'              # 'bf16': the forward pass and loss under bfloat16 autocast (weights, optimiser and gradients stay float32)
 
 def param_groups(module:torch.nn.Module, weight_decay:float) -> list:
     "Two optimiser groups: weights of rank >= 2 with `weight_decay`, and 1-D parameters (biases, norm scales and shifts) with none."
@@ -91,8 +92,9 @@ TRAIN_FORMAT = 'memssl-train/2'   # 2: optimiser state in two parameter groups
 
 def run_signature(method, cfg:TrainConfig, data_id:str) -> dict:
     "Everything that defines a training run; a resumed run must match it exactly."
+    train = {k: v for k, v in asdict(cfg).items() if not (k == 'amp' and v == 'none')}   # float32 runs keep their signature from before `amp`
     return dict(method=method.name, hparams=method.hparams(), encoder=method.encoder.config,
-                views=method.view_config.to_dict(), train=asdict(cfg), data=data_id)
+                views=method.view_config.to_dict(), train=train, data=data_id)
 
 def cpu_rng_state(state:torch.Tensor) -> torch.Tensor:
     "A generator state as `torch.Generator.set_state` needs it (a CPU byte tensor), wherever a load put it."
@@ -134,6 +136,8 @@ def fit(method,                        # an `SSLMethod`
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.amp not in ('none', 'bf16'): raise ValueError(f"amp must be 'none' or 'bf16', got {cfg.amp!r}")
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if cfg.amp == 'bf16' else contextlib.nullcontext
     history, start = [], 0
     ckpt = out / 'last.pt'
     if ckpt.exists():
@@ -154,7 +158,7 @@ def fit(method,                        # an `SSLMethod`
         perm = torch.randperm(n, generator=gen).to(device if isinstance(images, torch.Tensor) else 'cpu')
         mine = [perm[i * bs + rank * local:i * bs + (rank + 1) * local] for i in range(steps_per_epoch)]   # this process's slice of each global batch
         for i, xb in enumerate(image_batches(images, mine, device)):
-            with view_shard(rank, world): loss = model(xb, gen)
+            with view_shard(rank, world), autocast(): loss = model(xb, gen).float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
