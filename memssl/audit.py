@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['FORMATS', 'RESNET_CHILDREN', 'HEAD_ACTIVATIONS', 'AUDIT_DEFAULTS', 'NEEDS_ARCH', 'DATASET_CHANNELS',
            'read_state_dict', 'with_prefix', 'GreyToRGB', 'WithHead', 'input_channels', 'build_head', 'read_head',
-           'torchvision_resnet', 'timm_model', 'load_external', 'file_sha256', 'dataset_channels',
-           'validate_audit_params', 'Audit', 'start_audit', 'audit_data', 'check_head', 'audit_encoders', 'audit_views',
-           'audit_scores', 'finish_audit', 'main']
+           'torchvision_resnet', 'timm_model', 'load_external', 'pair_paths', 'file_sha256', 'dataset_channels',
+           'validate_audit_params', 'Audit', 'start_audit', 'audit_data', 'check_head', 'audit_encoders', 'audit_pairs',
+           'audit_views', 'audit_scores', 'finish_audit', 'main']
 
 # %% ../nbs/15_audit.ipynb #c004
 import dataclasses, hashlib, importlib, json, time
@@ -202,8 +202,8 @@ AUDIT_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data f and g were trained on: registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
     split_file=None,             # the split manifest f and g were trained with (required)
-    f_path=None,                 # checkpoint of f, trained on shared + candidates
-    g_path=None,                 # checkpoint of g, trained on shared + independent
+    f_path=None,                 # checkpoint of f, trained on shared + candidates (a list: one f per independent pair)
+    g_path=None,                 # checkpoint of g, trained on shared + independent (a list, in the order of f_path)
     format='torchvision',        # memssl, torchvision, timm, lightly, solo-learn, state_dict or factory
     arch=None,                   # architecture for the format, e.g. resnet18 or vit_tiny_patch16_224
     factory=None,                # 'package.module:function' returning the nn.Module (format factory)
@@ -222,6 +222,11 @@ AUDIT_DEFAULTS = dict(
     run_dir='runs/audit/default',  # where this audit's files go
 )
 NEEDS_ARCH = ('torchvision', 'timm', 'lightly', 'solo-learn', 'state_dict')
+
+def pair_paths(p:dict) -> tuple:
+    "The f and g checkpoint paths of an audit's parameters as two lists (one entry per pair)."
+    as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]
+    return as_list(p['f_path']), as_list(p['g_path'])
 DATASET_CHANNELS = {'fashion_mnist': 1, 'mnist': 1, 'cifar10': 3, 'cifar100': 3, 'svhn': 3, 'stl10': 3}   # the registry's datasets
 
 def file_sha256(path) -> str:
@@ -283,11 +288,16 @@ def validate_audit_params(params:dict) -> dict:
     if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(AUDIT_DEFAULTS)}')
     p = resolve_paths({**AUDIT_DEFAULTS, **params})
     for k in ('f_path', 'g_path'):
-        if p[k] in (None, ''): raise RunError(f'{k} is required: the checkpoint of ' + ('f (shared + candidates)' if k == 'f_path' else 'g (shared + independent)'))
-        p[k] = str(Path(p[k]).expanduser().resolve())
-        if not Path(p[k]).is_file(): raise RunError(f'{k}: no file at {p[k]}')
-    if p['f_path'] == p['g_path'] or file_sha256(p['f_path']) == file_sha256(p['g_path']):
-        raise RunError(f"f_path and g_path are the same file (or byte-identical files): {p['f_path']}; SSLMem compares two encoders trained on different sets")
+        if p[k] in (None, '', []): raise RunError(f'{k} is required: the checkpoint of ' + ('f (shared + candidates)' if k == 'f_path' else 'g (shared + independent)'))
+        paths = [str(Path(x).expanduser().resolve()) for x in (p[k] if isinstance(p[k], (list, tuple)) else [p[k]])]
+        for x in paths:
+            if not Path(x).is_file(): raise RunError(f'{k}: no file at {x}')
+        p[k] = paths[0] if len(paths) == 1 else paths                  # one pair: a path, as before; several: a list
+    fs, gs = pair_paths(p)
+    if len(fs) != len(gs): raise RunError(f'f_path names {len(fs)} checkpoints and g_path {len(gs)}: one g for each f, in the same order')
+    for fp, gp in zip(fs, gs):
+        if fp == gp or file_sha256(fp) == file_sha256(gp):
+            raise RunError(f"f_path and g_path are the same file (or byte-identical files): {fp}; SSLMem compares two encoders trained on different sets")
     check_dataset_name(p['dataset'])
     if not p['split_file']: raise RunError('split_file is required: the split manifest f and g were trained with (memssl.splits: Split(...).save)')
     if not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
@@ -320,7 +330,9 @@ def start_audit(params:dict) -> Audit:
     "Validate, claim the run directory, and record the parameters with the SHA-256 of both checkpoint files."
     p = validate_audit_params(params)
     run = Audit(p)
-    files = {r: dict(path=p[f'{r}_path'], sha256=file_sha256(p[f'{r}_path'])) for r in ('f', 'g')}
+    fs, gs = pair_paths(p)
+    files = {r: [dict(path=x, sha256=file_sha256(x)) for x in xs] for r, xs in (('f', fs), ('g', gs))}
+    if len(fs) == 1: files = {r: v[0] for r, v in files.items()}      # one pair: recorded as before
     old = run.path('params.json')
     check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
     if old.exists() and read_json(old).get('files') != files:
@@ -350,13 +362,13 @@ def check_head(m:WithHead, shape:tuple, name:str='f'):
     if D != m.head.in_features:
         raise RunError(f'the projection head of {name} takes {m.head.in_features} features but its backbone gives {D}; set head=none to score the backbone only')
 
-def audit_encoders(run:Audit, split:Split, train:ImageData) -> tuple:
-    """f and g loaded from their files, with the projection heads their checkpoints hold (unless `head` is none); refused if
-    their weights are identical, if one holds a head and the other not, if a head does not fit its backbone (or, for memssl
+def audit_encoders(run:Audit, split:Split, train:ImageData, pair:int=0) -> tuple:
+    """Pair `pair`'s f and g loaded from their files, with the projection heads their checkpoints hold (unless `head` is none); refused
+    if their weights are identical, if one holds a head and the other not, if a head does not fit its backbone (or, for memssl
     checkpoints, if they do not fit the split)."""
     p = run.params
-    f, g = (load_external(p[f'{r}_path'], p['format'], p['arch'], p['factory'], head=p['head'] != 'none', head_activation=p['head_activation']).to(run.device)
-            for r in ('f', 'g'))
+    f, g = (load_external(path, p['format'], p['arch'], p['factory'], head=p['head'] != 'none', head_activation=p['head_activation']).to(run.device)
+            for path in (pair_paths(p)[0][pair], pair_paths(p)[1][pair]))
     sf, sg = f.state_dict(), g.state_dict()
     if sf.keys() == sg.keys() and all(torch.equal(sf[k], sg[k]) for k in sf):
         raise RunError('f and g hold identical weights: SSLMem compares two encoders trained on different sets')
@@ -367,6 +379,10 @@ def audit_encoders(run:Audit, split:Split, train:ImageData) -> tuple:
         if isinstance(m, WithHead): check_head(m, tuple(train.images.shape[1:]), name)
     if isinstance(f, Encoder) and (getattr(f, 'meta', None) or {}).get('provenance'): check_pair(f, g, split, train.fingerprint)
     return f, g
+
+def audit_pairs(run:Audit, split:Split, train:ImageData) -> list:
+    "Every pair's (f, g), each loaded and checked as `audit_encoders` does."
+    return [audit_encoders(run, split, train, r) for r in range(len(pair_paths(run.params)[0]))]
 
 def audit_views(run:Audit, train:ImageData, f:nn.Module|None=None) -> ViewConfig:
     """The stated training views at the data's size, normalised with the stated (or the data's) channel statistics. On grey
@@ -387,19 +403,28 @@ def audit_views(run:Audit, train:ImageData, f:nn.Module|None=None) -> ViewConfig
     else: vc = simclr_views(H, C, (p['crop_scale_min'], 1.0), p['color_strength'])
     return dataclasses.replace(vc, mean=mean, std=std, grey_to_rgb=rgb)
 
-def audit_scores(run:Audit, f, g, split:Split, train:ImageData, test, vc:ViewConfig) -> dict:
-    """SSLMem of every set for each feature variant; writes `scores.csv` (the primary variant) and `scores_all.csv`. A plain
+def audit_scores(run:Audit, f, g, split:Split, train:ImageData, test, vc:ViewConfig, pairs:list|None=None) -> dict:
+    """SSLMem of every set for each feature variant, by the pair (f, g) or by every pair of `pairs` (each on its own views, seed +
+    1000 r), then per point the mean over the pairs, its standard error, p-values against the extra set and the memorised candidates
+    (`memssl.pointwise.point_scores`). Writes `scores_pairs.csv`, `scores.csv` (the primary variant) and `scores_all.csv`. A plain
     module gives `output` and `output_norm`, one with its head (`WithHead`) also `projector` and `projector_norm` (primary)."""
+    from memssl.pointwise import point_scores
     p = run.params
+    pairs = pairs or [(f, g)]
+    f = pairs[0][0]
     feats = list(FEATURES) if isinstance(f, Encoder) else ['output', 'output_norm'] + (['projector', 'projector_norm'] if isinstance(f, WithHead) else [])
     imgs, idx, roles, labels = score_points(run, split, train, test)
+    parts = []
     with run.timed('score'):
-        res = sslmem_scores(f, g, imgs, idx, vc, n_views=p['n_views'], features=feats, batch_size=p['batch_size'], seed=p['seed'],
-                            device=run.device, progress=True)
-    for v, df in res.items():
-        df.insert(1, 'split', roles); df.insert(2, 'label', labels)
-        center_scores(df, on='shared')
+        for r, (fr, gr) in enumerate(pairs):
+            res = sslmem_scores(fr, gr, imgs, idx, vc, n_views=p['n_views'], features=feats, batch_size=p['batch_size'], seed=p['seed'] + 1000 * r,
+                                device=run.device, progress=True)
+            parts += [pd.DataFrame(dict(pair=r, features=v, idx=idx, split=roles, label=labels, align_f=d['align_f'].to_numpy(),
+                                        align_g=d['align_g'].to_numpy(), sslmem=d['sslmem'].to_numpy())) for v, d in res.items()]
+    long = pd.concat(parts, ignore_index=True)
+    res = point_scores(long, fdr=0.1)
     primary = 'projector_norm' if isinstance(f, (Encoder, WithHead)) else 'output_norm'
+    atomic_write_text(run.path('scores_pairs.csv'), long.to_csv(index=False))
     atomic_write_text(run.path('scores.csv'), res[primary].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
     run.primary = primary
@@ -408,11 +433,14 @@ def audit_scores(run:Audit, f, g, split:Split, train:ImageData, test, vc:ViewCon
 def finish_audit(run:Audit, tests:pd.DataFrame) -> dict:
     "Write `metrics.json` (last, atomically) and mark the audit complete."
     s = pd.read_csv(run.path('scores.csv'))
+    from memssl.pointwise import pointwise_metrics
+    pp, every = run.path('scores_pairs.csv'), pd.read_csv(run.path('scores_all.csv'))
+    pw = pointwise_metrics(pd.read_csv(pp), {v: d for v, d in every.groupby('features', sort=False)}) if pp.is_file() else {}
     m = dict(params_id=params_id(run.params), score_features=run.primary,
              mean_sslmem={r: float(v) for r, v in s.groupby('split')['sslmem'].mean().items()},
              n_scored={r: int(v) for r, v in s.groupby('split').size().items()},
              tests=[{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in tests.to_dict('records')],
-             timings=run.timings)
+             timings=run.timings, pointwise=pw)
     atomic_write_json(run.path('metrics.json'), m)
     complete_run(run)
     return m
@@ -423,8 +451,8 @@ def main(argv=None):
     import argparse, sys, yaml
     from memssl.grid import execute_run, default_notebook, failure_reason
     ap = argparse.ArgumentParser(prog='memssl-score', description='SSLMem of an f/g encoder pair trained elsewhere, against the split it was trained on.')
-    ap.add_argument('--f', required=True, help='checkpoint of f (trained on shared + candidates)')
-    ap.add_argument('--g', required=True, help='checkpoint of g (trained on shared + independent)')
+    ap.add_argument('--f', required=True, nargs='+', help='checkpoint of f (trained on shared + candidates); several: one per independent pair')
+    ap.add_argument('--g', required=True, nargs='+', help='checkpoint of g (trained on shared + independent); as many as --f, in the same order')
     ap.add_argument('--split', required=True, help='the split manifest (JSON) f and g were trained with')
     ap.add_argument('--dataset', default=AUDIT_DEFAULTS['dataset'], help="registry name, 'npz:PATH' or 'folder:PATH'")
     ap.add_argument('--format', default=AUDIT_DEFAULTS['format'], choices=FORMATS)
@@ -436,8 +464,8 @@ def main(argv=None):
     ap.add_argument('--dry-run', action='store_true', help='check the parameters and files, run nothing')
     ap.add_argument('--quiet', action='store_true', help="write the kernel's output only to the run's log.txt")
     a = ap.parse_args(argv)
-    p = dict(f_path=a.f, g_path=a.g, split_file=a.split, dataset=a.dataset, format=a.format, arch=a.arch, factory=a.factory, views=a.views,
-             run_dir=a.run_dir or f'runs/audit/{Path(a.f).stem}')
+    p = dict(f_path=a.f[0] if len(a.f) == 1 else a.f, g_path=a.g[0] if len(a.g) == 1 else a.g, split_file=a.split, dataset=a.dataset,
+             format=a.format, arch=a.arch, factory=a.factory, views=a.views, run_dir=a.run_dir or f'runs/audit/{Path(a.f[0]).stem}')
     for kv in a.set:
         if '=' not in kv: ap.error(f'--set expects KEY=VALUE, got {kv!r}')
         k, v = kv.split('=', 1); p[k] = yaml.safe_load(v)

@@ -164,3 +164,27 @@ def test_a_failed_audit_prints_its_reason(memssl_run, tmp_path):
     assert out.returncode == 1
     assert 'the weights do not fit the backbone' in out.stdout + out.stderr, out.stdout + out.stderr
     assert 'memssl-score: failed' in out.stdout + out.stderr
+
+
+def test_several_pairs_are_audited_together_as_a_run_of_pairs_scores_them(tmp_path):
+    "Two independent pairs of a memssl run given to memssl-score: the per-point means, standard errors and q-values of the run itself."
+    npz = write_fake_dataset('npz', tmp_path, n_train=150, n_test=40)
+    p = validate_params(dict(dataset=f'npz:{npz}', n_shared=50, n_candidates=25, n_independent=25, n_extra=25, epochs=2, batch_size=32,
+                             n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu', parallel=False,
+                             n_pairs=2, run_dir=str(tmp_path / 'run')))
+    assert execute_run(ROOT / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
+    r = RunResult(tmp_path / 'run')
+    out = score('--f', r.dir / 'ckpt/f/encoder.pt', r.dir / 'ckpt/pair1/f/encoder.pt', '--g', r.dir / 'ckpt/g/encoder.pt', r.dir / 'ckpt/pair1/g/encoder.pt',
+                '--split', r.dir / 'split.json', '--dataset', f'npz:{npz}', '--format', 'memssl', '--run-dir', tmp_path / 'audit',
+                '--set', 'crop_scale_min=0.5', '--set', 'color_strength=0.5', '--set', 'n_views=4', '--set', 'device=cpu')
+    assert out.returncode == 0, out.stdout + out.stderr
+    a = pd.read_csv(tmp_path / 'audit' / 'scores.csv')
+    cols = ['idx', 'split', 'sslmem', 'n_pairs', 'sslmem_se', 'p_value', 'q_value', 'memorised']
+    pd.testing.assert_frame_equal(a[cols], r.scores[cols], check_exact=True)
+    assert (a['n_pairs'] == 2).all() and a['sslmem_se'].notna().all()
+    m = json.loads((tmp_path / 'audit' / 'metrics.json').read_text())
+    pw = m['pointwise']['projector_norm']
+    assert pw['n_pairs'] == 2 and 'reliability' in pw and pw['membership']['targets'] == 4
+    bad = score('--f', r.dir / 'ckpt/f/encoder.pt', r.dir / 'ckpt/pair1/f/encoder.pt', '--g', r.dir / 'ckpt/g/encoder.pt', '--split', r.dir / 'split.json',
+                '--dataset', f'npz:{npz}', '--format', 'memssl', '--run-dir', tmp_path / 'audit2', '--dry-run')
+    assert bad.returncode == 2 and 'f_path names 2 checkpoints and g_path 1' in bad.stderr, bad.stderr
