@@ -5,10 +5,9 @@
 # %% auto #0
 __all__ = ['SCORES_FORMAT', 'ROLE_ORDER', 'ROW_KEY', 'STRATEGIES', 'CANARY_KINDS', 'FIRST_KINDS', 'CrossfitError', 'index_hash',
            'crossfit_folds', 'CrossfitPlan', 'crossfit_plan', 'scores_paths', 'read_scores', 'load_seed_scores',
-           'crossfit_seed', 'aggregate_scores', 'select_scores', 'spearman_brown', 'seed_reliability',
-           'memorised_threshold', 'fraction_memorised', 'ScoresSourceError', 'removal_sets', 'check_scores_source',
-           'retrain_budget', 'make_canaries', 'plant_canaries', 'canary_ranks', 'canary_report', 'atypicality',
-           'atypicality_correlation']
+           'crossfit_seed', 'aggregate_scores', 'select_scores', 'seed_reliability', 'memorised_threshold',
+           'fraction_memorised', 'ScoresSourceError', 'removal_sets', 'check_scores_source', 'retrain_budget',
+           'make_canaries', 'plant_canaries', 'canary_ranks', 'canary_report', 'atypicality', 'atypicality_correlation']
 
 # %% ../nbs/13_crossfit.ipynb #c004
 import hashlib, json
@@ -265,10 +264,7 @@ def select_scores(agg:pd.DataFrame, features:str, role:str='pool') -> pd.DataFra
     return rows.reset_index(drop=True)
 
 # %% ../nbs/13_crossfit.ipynb #c020
-def spearman_brown(r:float, n:float) -> float:
-    "Predicted reliability of the mean of `n` replicates whose pairwise correlation is `r`: n r / (1 + (n - 1) r)."
-    den = 1 + (n - 1) * r
-    return n * r / den if den > 0 else float('nan')
+from .pointwise import spearman_brown     # n r / (1 + (n - 1) r); defined with the per-point statistics
 
 def seed_reliability(per_seed,              # list of `crossfit_seed` tables (one per seed)
                      features=None,         # a variant, a list of them, or None for all

@@ -260,6 +260,9 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
                  median_se=float(c['sslmem_se'].median()) if R > 1 and len(c) else None)
         if R >= 2 and len(c) >= 3:
             d['reliability'] = split_half(per_pair, v)
+            if {'align_f', 'align_g'} <= set(per_pair.columns):      # the same with each pair's score normalised, (g - f) / (g + f)
+                ratio = per_pair.assign(sslmem=(per_pair['align_g'] - per_pair['align_f']) / (per_pair['align_g'] + per_pair['align_f']).where(lambda x: x > 0))
+                d['reliability_ratio'] = split_half(ratio, v)
             d['reliability_curve'] = reliability_curve(per_pair, v)[['k', 'r', 'r_sd']].to_dict('records')
             if (e['split'] == 'independent').any():
                 mr = membership_report(per_pair, v).iloc[0]
