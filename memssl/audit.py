@@ -445,6 +445,12 @@ def finish_audit(run:Audit, tests:pd.DataFrame) -> dict:
     complete_run(run)
     return m
 
+# %% ../nbs/15_audit.ipynb #4f7d3f3d
+from .io import ExperimentKind, register_kind
+from .runs import RunResult
+register_kind(ExperimentKind('audit', 'audit.ipynb', validate_audit_params, AUDIT_DEFAULTS, RunResult, 'runs/audit',
+                             'SSLMem of encoders trained elsewhere (memssl-score)'))
+
 # %% ../nbs/15_audit.ipynb #c019
 def main(argv=None):
     "Command line: memssl-score --f F --g G --split SPLIT [--dataset D] [--format F] [--arch A] [--views V] [--set k=v ...] [--dry-run]."

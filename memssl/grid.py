@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import read_json, DirLock, RunLocked, read_lock, describe_holder, lock_is_stale, LOCK_NAME
+from .io import experiment_kinds, read_json, DirLock, RunLocked, read_lock, describe_holder, lock_is_stale, LOCK_NAME
 from .runs import validate_params, params_id, is_complete, set_status, RunError, DEFAULTS, resolve_paths, check_same_run
 
 def default_notebook(name:str='sslmem.ipynb') -> Path:
@@ -35,9 +35,9 @@ def _slug(v) -> str:
     return re.sub(r'[^A-Za-z0-9_.]+', '-', s).strip('-')
 
 def run_id(params:dict, varied=(), defaults:dict|None=None) -> str:
-    "A readable id: dataset-method-backbone-s<seed>, plus any other varied parameter."
+    "A readable id: dataset-method-backbone-s<seed> (those of them the kind has), plus any other varied parameter."
     p = {**(defaults or DEFAULTS), **params}
-    parts = [_slug(p['dataset']), p['method'], p['backbone'], f"s{p['seed']}"]
+    parts = [_slug(p[k]) for k in ('dataset', 'method', 'backbone') if k in p] + ([f"s{p['seed']}"] if 'seed' in p else [])
     parts += [f'{k}{_slug(p[k])}' for k in varied if k not in ('dataset', 'method', 'backbone', 'seed')]
     return '-'.join(parts)
 
@@ -49,17 +49,17 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     except yaml.YAMLError as e: raise ValueError(f'grid file {path} is not valid YAML: {e}') from None
     unknown = set(spec) - {'experiment', 'name', 'notebook', 'runs_root', 'base', 'grid', 'variants', 'description'}
     if unknown: raise ValueError(f'grid file {path} has unknown keys {sorted(unknown)}; use experiment, name, notebook, runs_root, base, grid, variants, description')
-    kinds = experiments()
+    kinds = experiment_kinds()                                  # every registered kind (see memssl.io, "Experiment kinds")
     kind = spec.get('experiment', 'sslmem')
-    if kind not in kinds: raise ValueError(f'grid file {path} names experiment {kind!r}; known experiments: {sorted(kinds)}')
-    nb_name, validate, defaults = kinds[kind]
+    if kind not in kinds: raise ValueError(f'grid file {path} names experiment {kind!r}; known experiments: {list(kinds)}')
+    nb_name, validate, defaults = kinds[kind].notebook, kinds[kind].validate, kinds[kind].defaults
     base, grid = dict(spec.get('base') or {}), dict(spec.get('grid') or {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v: raise ValueError(f'grid entry {k!r} in {path} must be a non-empty list, got {v!r}')
     variants = spec.get('variants') or [{}]                    # a list of parameter sets, each crossed with the grid
     if not isinstance(variants, list) or not all(isinstance(x, dict) for x in variants):
         raise ValueError(f'variants in {path} must be a list of parameter mappings, got {variants!r}')
-    root = Path(spec.get('runs_root', 'runs'))
+    root = Path(spec.get('runs_root', kinds[kind].runs_root))
     runs = []
     keys = list(grid)
     in_variants = sorted({k for x in variants for k in x if len({json.dumps(y.get(k, base.get(k))) for y in variants}) > 1})
@@ -254,7 +254,8 @@ def _run_grid_jobs(g:dict, runs:list, executor, force:bool) -> dict:
 def main(argv=None):
     "Command line: memssl-grid GRID.yml [--set k=v ...] [--only REGEX] [--force] [--dry-run] [--quiet] [--executor slurm|local ...]."
     ap = argparse.ArgumentParser(prog='memssl-grid', description='Run a grid of memssl experiments with papermill.')
-    ap.add_argument('grid', help='grid YAML file')
+    ap.add_argument('grid', nargs='?', help='grid YAML file')
+    ap.add_argument('--kinds', action='store_true', help='list the experiment kinds a grid file can name, and exit')
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a parameter for every run (YAML value)')
     ap.add_argument('--only', help='run only the run ids matching this regular expression')
     ap.add_argument('--force', action='store_true', help='replace run directories that hold runs with other parameters')
@@ -264,6 +265,10 @@ def main(argv=None):
     ap.add_argument('--executor-dir', default=None, help="submitit's folder for job scripts and logs (default: RUNS_ROOT/.submitit)")
     ap.add_argument('--slurm', action='append', default=[], metavar='KEY=VALUE', help='a submitit parameter, e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1')
     a = ap.parse_args(argv)
+    if a.kinds:
+        for k in experiment_kinds().values(): print(f'{k.name:10s} experiments/{k.notebook:16s} runs in {k.runs_root + "/":14s} {k.title}')
+        return 0
+    if not a.grid: ap.error('a grid file is required (or --kinds)')
     over, sl = {}, {}
     for kv, into in [(x, over) for x in a.set] + [(x, sl) for x in a.slurm]:
         if '=' not in kv: ap.error(f'--set and --slurm expect KEY=VALUE, got {kv!r}')

@@ -7,7 +7,8 @@ __all__ = ['LOCK_NAME', 'LOCK_ENV', 'atomic_write_bytes', 'atomic_write_text', '
            'read_json', 'pick_device', 'seed_everything', 'make_generator', 'package_versions', 'git_commit',
            'cpu_model', 'machine_info', 'run_machine', 'machine_label', 'dist_info', 'barrier', 'mean_over_processes',
            'RunLocked', 'describe_holder', 'lock_stale_after', 'read_lock', 'lock_is_stale', 'DirLock', 'claim_dir',
-           'release_dir']
+           'release_dir', 'ExperimentKind', 'register_kind', 'experiment_kinds', 'experiment_kind', 'run_kind',
+           'runs_of']
 
 # %% ../nbs/01_io.ipynb #c004
 import io, json, os, random, subprocess, sys, tempfile
@@ -291,3 +292,59 @@ def release_dir(path):
 
 import atexit
 atexit.register(lambda: [release_dir(k) for k in list(_HELD)])
+
+# %% ../nbs/01_io.ipynb #60b66378
+import importlib, re
+from dataclasses import dataclass
+from typing import Callable
+
+@dataclass(frozen=True)
+class ExperimentKind:
+    "An experiment kind: how a grid validates and runs it, and how the book reads its runs."
+    name: str                    # as a grid file names it (`experiment: NAME`) and a run's params.json records it
+    notebook: str                # its papermill notebook, under experiments/
+    validate: Callable           # params -> checked params with every default filled in (raises on bad input)
+    defaults: dict               # every parameter and its default
+    read: Callable               # a complete run directory -> its loaded result
+    runs_root: str = 'runs'      # where its runs go when a grid file does not say
+    title: str = ''              # a short description for listings
+
+_KINDS = {}
+
+def register_kind(kind:ExperimentKind) -> ExperimentKind:
+    "Register `kind` under its name (once: a second, different kind of the same name is an error)."
+    if not isinstance(kind, ExperimentKind): raise TypeError(f'register_kind takes an ExperimentKind, got {type(kind).__name__}')
+    old = _KINDS.get(kind.name)
+    if old is not None and (old.read, old.validate, old.notebook) != (kind.read, kind.validate, kind.notebook):
+        raise ValueError(f'experiment kind {kind.name!r} is registered twice, differently (notebooks {old.notebook} and {kind.notebook})')
+    _KINDS[kind.name] = kind
+    return kind
+
+def experiment_kinds() -> dict:
+    "Every registered experiment kind by name, after importing each memssl module that registers one; 'sslmem' first."
+    import memssl
+    for py in sorted(Path(memssl.__file__).parent.glob('*.py')):
+        mod = f'memssl.{py.stem}'
+        if mod not in sys.modules and re.search(r'^register_kind\(', py.read_text(), re.M): importlib.import_module(mod)
+    return dict(sorted(_KINDS.items(), key=lambda kv: (kv[0] != 'sslmem', kv[0])))
+
+def experiment_kind(name:str) -> ExperimentKind:
+    "The registered kind `name`, or an error that lists the known kinds."
+    kinds = experiment_kinds()
+    if name not in kinds: raise KeyError(f'unknown experiment kind {name!r}; known kinds: {list(kinds)}')
+    return kinds[name]
+
+def run_kind(run_dir) -> str:
+    "The kind of the run in `run_dir`, from its params.json (runs made before kinds were recorded are 'sslmem')."
+    return read_json(Path(run_dir) / 'params.json', 'params file').get('experiment', 'sslmem')
+
+def runs_of(kind:str, *roots) -> list:
+    """The complete runs of `kind` directly under each of `roots`, read by the kind's reader, sorted by name within a root; a run
+    name met again under a later root is skipped (so `runs_of(k, 'runs/x', 'results/x')` prefers this build's runs to recorded ones)."""
+    k, seen, out = experiment_kind(kind), set(), []
+    for root in map(Path, roots):
+        if not root.is_dir(): continue
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and (d / 'metrics.json').is_file() and (d / 'params.json').is_file() and d.name not in seen and run_kind(d) == kind:
+                seen.add(d.name); out.append(k.read(d))
+    return out

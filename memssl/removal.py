@@ -514,3 +514,8 @@ def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
                                                    machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
     return dest
+
+# %% ../nbs/14_removal.ipynb #08bec02c
+from .io import ExperimentKind, register_kind
+register_kind(ExperimentKind('removal', 'removal.ipynb', validate_removal_params, REMOVAL_DEFAULTS, RemovalResult, 'runs/removal',
+                             'cross-fitted SSLMem of a pool, then top/random/bottom removal, retraining and probes'))

@@ -637,6 +637,11 @@ def run_summary(runs:list) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/09_runs.ipynb #dfd4d88a
+from .io import ExperimentKind, register_kind
+register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS, RunResult, 'runs',
+                             'SSLMem of f/g pairs trained here: set tests, per-point scores, probes'))
+
 # %% ../nbs/09_runs.ipynb #c017
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
