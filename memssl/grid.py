@@ -37,6 +37,8 @@ def _slug(v) -> str:
 def run_id(params:dict, varied=(), defaults:dict|None=None) -> str:
     "A readable id: dataset-method-backbone-s<seed> (those of them the kind has), plus any other varied parameter."
     p = {**(defaults or DEFAULTS), **params}
+    if p.get('source_run'):                                     # a kind that reads another run (layers): named after that run
+        return '-'.join([_slug(Path(str(p['source_run'])).name)] + [f'{k}{_slug(p[k])}' for k in varied if k != 'source_run'])
     parts = [_slug(p[k]) for k in ('dataset', 'method', 'backbone') if k in p] + ([f"s{p['seed']}"] if 'seed' in p else [])
     parts += [f'{k}{_slug(p[k])}' for k in varied if k not in ('dataset', 'method', 'backbone', 'seed')]
     return '-'.join(parts)

@@ -312,10 +312,12 @@ class ExperimentKind:
 _KINDS = {}
 
 def register_kind(kind:ExperimentKind) -> ExperimentKind:
-    "Register `kind` under its name (once: a second, different kind of the same name is an error)."
+    """Register `kind` under its name. The same kind registered again (its notebook, reader and validator of the same names: a module
+    imported twice, or a library notebook run beside its exported module) replaces the first; a different kind of the same name is an error."""
     if not isinstance(kind, ExperimentKind): raise TypeError(f'register_kind takes an ExperimentKind, got {type(kind).__name__}')
     old = _KINDS.get(kind.name)
-    if old is not None and (old.read, old.validate, old.notebook) != (kind.read, kind.validate, kind.notebook):
+    ident = lambda k: (k.notebook, getattr(k.read, '__qualname__', None), getattr(k.validate, '__qualname__', None))
+    if old is not None and ident(old) != ident(kind):
         raise ValueError(f'experiment kind {kind.name!r} is registered twice, differently (notebooks {old.notebook} and {kind.notebook})')
     _KINDS[kind.name] = kind
     return kind

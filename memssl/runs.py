@@ -105,7 +105,7 @@ def dataset_label(name) -> str:
 def resolve_paths(p:dict) -> dict:
     "The parameters with every file path (`npz:`/`folder:` datasets, `split_file`, `data_root`) made absolute from the working directory."
     p = dict(p)
-    p['dataset'] = resolve_dataset(p['dataset'])
+    if 'dataset' in p: p['dataset'] = resolve_dataset(p['dataset'])     # a kind without a dataset of its own (layers) has none
     if isinstance(p.get('probe_datasets'), (list, tuple)): p['probe_datasets'] = [resolve_dataset(d) for d in p['probe_datasets']]
     for k in ('split_file', 'data_root'):
         if p.get(k) not in (None, ''): p[k] = str(Path(p[k]).expanduser().resolve())

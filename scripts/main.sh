@@ -19,6 +19,10 @@ echo "== running the default grid (experiments/default.yml)"
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/default.yml "$@"
 echo "== the default run took $(( $(date +%s) - t1 )) s"
+echo "== where memorisation lives in the default run's encoders (experiments/layers.yml: LayerMem and UnitMem, nothing trained)"
+t1=$(date +%s)
+.venv/bin/memssl-grid experiments/layers.yml
+echo "== the layers run took $(( $(date +%s) - t1 )) s"
 echo "== running the removal demonstration (experiments/removal_demo.yml: cross-fitted scores, canaries, a small removal experiment)"
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/removal_demo.yml

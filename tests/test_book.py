@@ -11,6 +11,7 @@ from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
 from memssl.runs import validate_params
 from memssl.removal import validate_removal_params
+from memssl.layers import validate_layers_params
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -61,11 +62,15 @@ def book(tmp_path_factory):
                                      n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu', parallel=False,
                                      run_dir=str(root / 'runs' / 'removal' / 'tiny')))
     assert execute_run(root / 'experiments' / 'removal.ipynb', q, echo=False) == 'complete'
+    lp = validate_layers_params(dict(source_run=str(root / 'runs' / 'tiny'), n_views=4, unit_views=3, device='cpu',
+                                     run_dir=str(root / 'runs' / 'layers' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'layers.ipynb', lp, echo=False) == 'complete'
     html = build_book(root, strict=True)          # raises on any Sphinx warning or notebook error
     return root, html
 
 
 PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibration.html', 'runs/tiny/report.html', 'book/generalisation.html',
+         'book/layers.html', 'runs/layers/tiny/report.html', 'book/pointwise.html', 'book/library/19_layers.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
 
@@ -81,7 +86,8 @@ def test_page_exists_without_errors_or_nbdev_noise(book, page):
 
 @pytest.mark.parametrize('page, min_figures', [('book/results.html', 5), ('runs/tiny/report.html', 6), ('intro.html', 2),
                                                ('book/generalisation.html', 6), ('runs/removal/tiny/report.html', 8),
-                                               ('book/library/03_augment.html', 1), ('book/methods.html', 2)])
+                                               ('book/library/03_augment.html', 1), ('book/methods.html', 2),
+                                               ('book/layers.html', 2), ('runs/layers/tiny/report.html', 2)])
 def test_figures_are_real_images(book, page, min_figures):
     root, html = book
     text = (html / page).read_text()

@@ -21,14 +21,19 @@ def error_outputs(nb_path):
     return [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if o.get('output_type') == 'error']
 
 
-def test_parameters_cell_matches_defaults():
-    "The notebook's parameters cell documents exactly the library's parameters, with the same defaults."
+from memssl.io import experiment_kinds
+
+
+@pytest.mark.parametrize('kind', list(experiment_kinds()))
+def test_parameters_cell_matches_defaults(kind):
+    "Every experiment kind's notebook documents exactly the library's parameters of that kind, with the same defaults."
     from papermill.inspection import inspect_notebook
-    params = inspect_notebook(str(NB))
-    assert list(params) == list(DEFAULTS)
-    for k, v in params.items():
-        assert eval(v['default']) == DEFAULTS[k], k
-        assert v['help'], f'parameter {k} has no comment'
+    k = experiment_kinds()[kind]
+    params = inspect_notebook(str(NB.parent / k.notebook))
+    assert list(params) == list(k.defaults)
+    for name, v in params.items():
+        assert eval(v['default']) == k.defaults[name], name
+        assert v['help'], f'parameter {name} of {kind} has no comment'
 
 
 def test_split_file_and_npz_score_exactly_the_manifest(tmp_path):
