@@ -8,7 +8,7 @@ __all__ = ['LAYERS_DEFAULTS', 'LayerError', 'layer_names', 'resolve_layers', 'po
            'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary', 'finish_layers_run', 'LayersResult',
            'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #d24656e1
+# %% ../nbs/19_layers.ipynb #fe98fb1a
 import re
 
 import numpy as np
@@ -24,12 +24,12 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #19a28ee8
-def _unwrap(model:nn.Module) -> nn.Module: return model.backbone if isinstance(model, Encoder) else model
-
+# %% ../nbs/19_layers.ipynb #395692cc
 def layer_names(model:nn.Module) -> list:
-    "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's)."
-    m = _unwrap(model)
+    "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
+    if isinstance(model, Encoder):
+        return [f'backbone.{n}' for n in layer_names(model.backbone)] + ([] if isinstance(model.projector, nn.Identity) else ['projector'])
+    m = model
     if isinstance(m, SmallCNN): return [f'net.{i}' for i, x in enumerate(m.net) if isinstance(x, nn.ReLU)]
     if isinstance(m, ResNet9): return ['prep', 'layer1', 'layer2', 'layer3']
     if all(hasattr(m, f'layer{i}') for i in range(1, 5)) and hasattr(m, 'conv1'):        # torchvision ResNet
@@ -39,7 +39,7 @@ def layer_names(model:nn.Module) -> list:
 
 def resolve_layers(model:nn.Module, layers=None) -> list:
     "`layers` (default: `layer_names`) checked against `model`'s submodules."
-    m = _unwrap(model)
+    m = model
     names = layer_names(model) if layers is None else [layers] if isinstance(layers, str) else list(layers)
     known = dict(m.named_modules())
     bad = [n for n in names if n not in known or n == '']
@@ -47,7 +47,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #d7669a45
+# %% ../nbs/19_layers.ipynb #333d2609
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -58,8 +58,8 @@ def pool(out:torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_features(model:nn.Module, x:torch.Tensor, layers=None) -> dict:
-    "The pooled outputs `{layer: (B, D)}` of `model`'s layers for the batch `x`, from one forward pass."
-    m = _unwrap(model)
+    "The pooled outputs `{layer: (B, D)}` of `model`'s layers for the batch `x`, from one forward pass (an `Encoder`'s through its head)."
+    m = model
     names = resolve_layers(model, layers)
     mods, out, hooks = dict(m.named_modules()), {}, []
     def keep(name):
@@ -67,12 +67,12 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None) -> dict:
         return hook
     try:
         for n in names: hooks.append(mods[n].register_forward_hook(keep(n)))
-        m(x)
+        m.forward_both(x) if isinstance(m, Encoder) and any(n.split('.')[0] == 'projector' for n in names) else m(x)
     finally:
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #407571f3
+# %% ../nbs/19_layers.ipynb #9c5961cd
 @torch.no_grad()
 def layermem_scores(f:nn.Module, g:nn.Module,
                     images:torch.Tensor,          # uint8 (N, C, H, W)
@@ -107,7 +107,7 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #afd70d3d
+# %% ../nbs/19_layers.ipynb #73bfe9ed
 @torch.no_grad()
 def unit_activations(model:nn.Module, images:torch.Tensor, view_config:ViewConfig, n_views:int=10, layers=None,
                      batch_size:int=128, seed:int=0, device='cpu') -> dict:
@@ -145,11 +145,11 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #4ef3d7ed
+# %% ../nbs/19_layers.ipynb #d0165661
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
-from .runs import Run, RunError, RunResult, check_same_run, claim_run, complete_run, params_id
+from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id
 from .runs import load_encoders, run_view_config, run_canaries
 from .data import load_dataset
 from .memorization import set_tests
@@ -171,7 +171,7 @@ def validate_layers_params(params:dict) -> dict:
     "Complete a layers run's parameters with the defaults and check them (the source run must be complete and hold its checkpoints)."
     unknown = sorted(set(params) - set(LAYERS_DEFAULTS))
     if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(LAYERS_DEFAULTS)}')
-    p = {**LAYERS_DEFAULTS, **params}
+    p = resolve_paths({**LAYERS_DEFAULTS, **params})
     if not p['source_run']: raise RunError('source_run is required: a complete SSLMem run directory with its checkpoints')
     src = Path(p['source_run']).expanduser().resolve(); p['source_run'] = str(src)
     if not src.is_dir(): raise RunError(f'source_run: no directory at {src}')
@@ -204,7 +204,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #56ecfac7
+# %% ../nbs/19_layers.ipynb #3ae4441c
 def layers_inputs(run:LayersRun) -> dict:
     "The source run's data, split, views, pairs (checked against the split) and the points to score: at most `max_points` per set."
     src = RunResult(run.params['source_run'])
@@ -239,17 +239,18 @@ def run_layermem(run:LayersRun, inp:dict) -> pd.DataFrame:
 def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     "UnitMem of the first pair's f on the candidates and on the extra set (the null); writes `unitmem.csv`."
     p, f, out = run.params, inp['pairs'][0][0], []
+    names = p['layers'] or [n for n in layer_names(f) if n.split('.')[0] != 'projector']   # the head's output is signed: UnitMem needs >= 0
     with run.timed('unitmem'):
         for r in ('candidates', 'extra'):
             if r not in inp['points']: raise RunError(f'UnitMem compares candidates with the extra set; the source split has no {r}')
             ims, ix = inp['points'][r]
-            for layer, mu in unit_activations(f, ims, inp['views'], p['unit_views'], p['layers'], p['batch_size'], p['seed'], run.device).items():
+            for layer, mu in unit_activations(f, ims, inp['views'], p['unit_views'], names, p['batch_size'], p['seed'], run.device).items():
                 out.append(unitmem(mu, ix, layer).assign(role=r))
     um = pd.concat(out, ignore_index=True)
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #0959fd54
+# %% ../nbs/19_layers.ipynb #58969db2
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -298,7 +299,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #fbf97def
+# %% ../nbs/19_layers.ipynb #8e36adf1
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -319,7 +320,7 @@ class LayersResult:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #3007aa94
+# %% ../nbs/19_layers.ipynb #8a0005cd
 def plot_layermem(layers:pd.DataFrame, title:str=''):
     "Mean LayerMem of each set against depth, and the share of candidates above the null's 95th percentile."
     import matplotlib.pyplot as plt
