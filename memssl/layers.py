@@ -6,9 +6,9 @@
 __all__ = ['LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'LayerError', 'layer_names', 'resolve_layers', 'pool', 'layer_features',
            'layermem_scores', 'unit_activations', 'unitmem', 'validate_layers_params', 'LayersRun', 'start_layers_run',
            'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary', 'finish_layers_run',
-           'LayersResult', 'record_layers_run', 'plot_layermem', 'plot_unitmem']
+           'LayersResult', 'record_layers_run', 'layers_table', 'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #5a6808c7
+# %% ../nbs/19_layers.ipynb #fe9a3c31
 import re
 
 import numpy as np
@@ -24,7 +24,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #3726708a
+# %% ../nbs/19_layers.ipynb #1a41113c
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -47,7 +47,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #05ab8629
+# %% ../nbs/19_layers.ipynb #35917781
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -72,7 +72,7 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None) -> dict:
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #f1d56089
+# %% ../nbs/19_layers.ipynb #d4053536
 @torch.no_grad()
 def layermem_scores(f:nn.Module, g:nn.Module,
                     images:torch.Tensor,          # uint8 (N, C, H, W)
@@ -107,7 +107,7 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #e03f2fab
+# %% ../nbs/19_layers.ipynb #91efd128
 @torch.no_grad()
 def unit_activations(model:nn.Module, images:torch.Tensor, view_config:ViewConfig, n_views:int=10, layers=None,
                      batch_size:int=128, seed:int=0, device='cpu') -> dict:
@@ -145,7 +145,7 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #b54c6064
+# %% ../nbs/19_layers.ipynb #018848af
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
@@ -204,7 +204,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #88bde048
+# %% ../nbs/19_layers.ipynb #dfd05e99
 def layers_inputs(run:LayersRun) -> dict:
     "The source run's data, split, views, pairs (checked against the split) and the points to score: at most `max_points` per set."
     src = RunResult(run.params['source_run'])
@@ -250,7 +250,7 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #a2f48441
+# %% ../nbs/19_layers.ipynb #e8b9c544
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -299,7 +299,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #b327f03f
+# %% ../nbs/19_layers.ipynb #e6e49224
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -334,7 +334,16 @@ def record_layers_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #8fcedb32
+# %% ../nbs/19_layers.ipynb #519556e2
+def layers_table(layers:pd.DataFrame):
+    "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
+    short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',
+             'above_null': 'C above null', 'r_pairs': 'r pairs'}
+    t = layers.drop(columns=['depth']).rename(columns=short)
+    fmt = {c: '{:+.4f}' for c in t if c.startswith('mean ')}
+    fmt.update({c: '{:.0e}' for c in t if c.startswith('p(')}); fmt.update({'C above null': '{:.1%}', 'r pairs': '{:.2f}'})
+    return t.style.format({k: v for k, v in fmt.items() if k in t}, na_rep='').hide(axis='index')
+
 def plot_layermem(layers:pd.DataFrame, title:str=''):
     "Mean LayerMem of each set against depth, and the share of candidates above the null's 95th percentile."
     import matplotlib.pyplot as plt
