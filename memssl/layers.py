@@ -4,13 +4,11 @@
 
 # %% auto #0
 __all__ = ['LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'LayerError', 'layer_names', 'resolve_layers', 'pool', 'layer_features',
-           'layermem_scores', 'unit_activations', 'unitmem', 'validate_layers_params', 'LayersRun', 'start_layers_run',
-           'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary', 'finish_layers_run',
-           'LayersResult', 'record_layers_run', 'layers_table', 'plot_layermem', 'plot_unitmem']
+           'view_batches', 'layermem_scores', 'unit_activations', 'unitmem', 'validate_layers_params', 'LayersRun',
+           'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary',
+           'finish_layers_run', 'LayersResult', 'record_layers_run', 'layers_table', 'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #fe9a3c31
-import re
-
+# %% ../nbs/19_layers.ipynb #d1cefe71
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +22,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #1a41113c
+# %% ../nbs/19_layers.ipynb #8ffcc531
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -47,7 +45,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #35917781
+# %% ../nbs/19_layers.ipynb #7c620620
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -72,7 +70,18 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None) -> dict:
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #d4053536
+# %% ../nbs/19_layers.ipynb #ced3294a
+def view_batches(images:torch.Tensor, view_config:ViewConfig, n_views:int, batch_size:int, seed:int, device='cpu'):
+    """Batches `(B, K, views (B*K, C, S, S))` of `n_views` views of each image, every view drawn up front from `seed` as
+    `memorization.alignment_scores` draws them, so LayerMem and UnitMem see the views SSLMem's scorer sees."""
+    if images.dtype != torch.uint8 or images.ndim != 4: raise TypeError(f'images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
+    N, C, H, W = images.shape
+    params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))
+    for i in range(0, N, batch_size):
+        xb = images[i:i + batch_size].to(device)
+        views = make_views(xb, n_views, view_config, params=slice_params(params, slice(i * n_views, (i + len(xb)) * n_views)))
+        yield views.shape[0], views.shape[1], views.flatten(0, 1)
+
 @torch.no_grad()
 def layermem_scores(f:nn.Module, g:nn.Module,
                     images:torch.Tensor,          # uint8 (N, C, H, W)
@@ -82,22 +91,16 @@ def layermem_scores(f:nn.Module, g:nn.Module,
                     normalise:bool=True,          # L2-normalise each layer's pooled output
                     batch_size:int=128, seed:int=0, device='cpu') -> pd.DataFrame:
     "LayerMem per point and layer: a long table `layer, depth, idx, align_f, align_g, sslmem` (depth 1 = the layer nearest the input)."
-    if images.dtype != torch.uint8 or images.ndim != 4: raise TypeError(f'images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
     indices = np.asarray(indices)
     if len(indices) != len(images): raise ValueError(f'{len(indices)} indices for {len(images)} images')
     names = resolve_layers(f, layers)
     resolve_layers(g, names)
     modes = (f.training, g.training)
     f.eval().to(device); g.eval().to(device)
-    N, C, H, W = images.shape
-    params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))   # as `alignment_scores` draws them
     acc = {(n, j): [] for n in names for j in (0, 1)}
-    for i in range(0, N, batch_size):
-        xb = images[i:i + batch_size].to(device)
-        views = make_views(xb, n_views, view_config, params=slice_params(params, slice(i * n_views, (i + len(xb)) * n_views)))
-        B, K = views.shape[:2]
+    for B, K, flat in view_batches(images, view_config, n_views, batch_size, seed, device):
         for j, model in enumerate((f, g)):
-            for n, z in layer_features(model, views.flatten(0, 1), names).items():
+            for n, z in layer_features(model, flat, names).items():
                 if normalise: z = F.normalize(z, dim=1)
                 acc[(n, j)].append(pairwise_alignment(z.view(B, K, -1)).cpu())
     f.train(modes[0]); g.train(modes[1])
@@ -107,23 +110,17 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #91efd128
+# %% ../nbs/19_layers.ipynb #86928fc5
 @torch.no_grad()
 def unit_activations(model:nn.Module, images:torch.Tensor, view_config:ViewConfig, n_views:int=10, layers=None,
                      batch_size:int=128, seed:int=0, device='cpu') -> dict:
     "mu_u(x) for every unit of every layer: `{layer: (N, U)}`, each unit's output averaged over positions and over `n_views` views of each point."
-    if images.dtype != torch.uint8 or images.ndim != 4: raise TypeError(f'images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
     names = resolve_layers(model, layers)
     mode = model.training
     model.eval().to(device)
-    N, C, H, W = images.shape
-    params = sample_params(N * n_views, H, W, view_config, torch.Generator().manual_seed(seed))
     acc = {n: [] for n in names}
-    for i in range(0, N, batch_size):
-        xb = images[i:i + batch_size].to(device)
-        views = make_views(xb, n_views, view_config, params=slice_params(params, slice(i * n_views, (i + len(xb)) * n_views)))
-        B, K = views.shape[:2]
-        for n, z in layer_features(model, views.flatten(0, 1), names).items(): acc[n].append(z.view(B, K, -1).mean(1).cpu())
+    for B, K, flat in view_batches(images, view_config, n_views, batch_size, seed, device):
+        for n, z in layer_features(model, flat, names).items(): acc[n].append(z.view(B, K, -1).mean(1).cpu())
     model.train(mode)
     return {n: torch.cat(v).numpy() for n, v in acc.items()}
 
@@ -145,7 +142,7 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #018848af
+# %% ../nbs/19_layers.ipynb #8273cacd
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
@@ -204,7 +201,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #dfd05e99
+# %% ../nbs/19_layers.ipynb #1dc9db8c
 def layers_inputs(run:LayersRun) -> dict:
     "The source run's data, split, views, pairs (checked against the split) and the points to score: at most `max_points` per set."
     src = RunResult(run.params['source_run'])
@@ -250,7 +247,7 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #e8b9c544
+# %% ../nbs/19_layers.ipynb #d6c57cc0
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -299,7 +296,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #e6e49224
+# %% ../nbs/19_layers.ipynb #b4458b57
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -334,7 +331,7 @@ def record_layers_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #519556e2
+# %% ../nbs/19_layers.ipynb #2116c064
 def layers_table(layers:pd.DataFrame):
     "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
     short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',
