@@ -4,12 +4,14 @@
 
 # %% auto #0
 __all__ = ['FORMATS', 'RESNET_CHILDREN', 'HEAD_ACTIVATIONS', 'AUDIT_DEFAULTS', 'NEEDS_ARCH', 'DATASET_CHANNELS',
-           'read_state_dict', 'with_prefix', 'GreyToRGB', 'WithHead', 'input_channels', 'build_head', 'read_head',
-           'torchvision_resnet', 'timm_model', 'load_external', 'pair_paths', 'file_sha256', 'dataset_channels',
-           'validate_audit_params', 'Audit', 'start_audit', 'audit_data', 'check_head', 'audit_encoders', 'audit_pairs',
-           'audit_views', 'audit_scores', 'finish_audit', 'main']
+           'UNITMEM_DEFAULTS', 'read_state_dict', 'with_prefix', 'GreyToRGB', 'WithHead', 'input_channels',
+           'build_head', 'read_head', 'torchvision_resnet', 'timm_model', 'load_external', 'pair_paths', 'file_sha256',
+           'dataset_channels', 'check_model_params', 'validate_audit_params', 'Audit', 'start_audit', 'audit_data',
+           'check_head', 'audit_encoders', 'audit_pairs', 'audit_views', 'audit_scores', 'finish_audit',
+           'validate_unitmem_params', 'UnitmemAudit', 'start_unitmem_run', 'unitmem_points', 'run_unitmem_audit',
+           'finish_unitmem_run', 'UnitmemResult', 'main']
 
-# %% ../nbs/15_audit.ipynb #c004
+# %% ../nbs/15_audit.ipynb #cbcbf217
 import dataclasses, hashlib, importlib, json, time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from .methods import mae_views
 from .memorization import sslmem_scores, center_scores
 from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete
 
-# %% ../nbs/15_audit.ipynb #c006
+# %% ../nbs/15_audit.ipynb #9e852fee
 def read_state_dict(path) -> dict:
     "The tensors of a checkpoint file, read without executing code: a bare state dict, or the `state_dict` / `model` entry of a training checkpoint."
     ck = load_tensors(path, 'encoder file')
@@ -42,7 +44,7 @@ def with_prefix(sd:dict, prefix:str) -> dict:
     "The entries of `sd` under `prefix`, with the prefix removed."
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
-# %% ../nbs/15_audit.ipynb #c008
+# %% ../nbs/15_audit.ipynb #06c59a2c
 FORMATS = ('memssl', 'torchvision', 'timm', 'lightly', 'solo-learn', 'state_dict', 'factory')
 RESNET_CHILDREN = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool')   # torchvision ResNet.children()[:-1]
 HEAD_ACTIVATIONS = {'relu': nn.ReLU, 'gelu': nn.GELU}
@@ -197,7 +199,7 @@ def load_external(path, fmt:str, arch:str|None=None, factory:str|None=None,
     h = read_head(sd, fmt, path, head_activation) if head else None
     return m if h is None else WithHead(m, h).eval()
 
-# %% ../nbs/15_audit.ipynb #c014
+# %% ../nbs/15_audit.ipynb #060e645d
 AUDIT_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data f and g were trained on: registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -281,6 +283,16 @@ def _check_stats(p:dict):
                            "on the grey images repeated to RGB, as PIL's convert('RGB') makes them, and normalised per channel)")
         if C != 1 and n != C: raise RunError(f"{k} has {vals(n)}, but {p['dataset']} has {C}-channel images: give {C} values")
 
+def check_model_params(p:dict):
+    "The checkpoint format (with its arch or factory), the training views and their normalisation statistics: what every audit of external encoders states."
+    if p['format'] not in FORMATS: raise RunError(f"unknown format {p['format']!r}; known formats: {list(FORMATS)}")
+    if p['format'] in NEEDS_ARCH and not p['arch']: raise RunError(f"format {p['format']!r} needs arch (e.g. resnet18, vit_tiny_patch16_224)")
+    if p['format'] == 'factory' and not (isinstance(p['factory'], str) and ':' in p['factory']):
+        raise RunError(f"format 'factory' needs factory='package.module:function', got {p['factory']!r}")
+    if p['views'] not in ('simclr', 'mae'): raise RunError(f"views must be 'simclr' or 'mae', got {p['views']!r}")
+    if not isinstance(p['crop_scale_min'], (int, float)) or not 0 < p['crop_scale_min'] <= 1: raise RunError(f"crop_scale_min must be in (0, 1], got {p['crop_scale_min']!r}")
+    _check_stats(p)
+
 def validate_audit_params(params:dict) -> dict:
     """Complete an audit's parameters with the defaults, make paths absolute and check every value before anything runs;
     `mean` and `std` are checked against the dataset's channels as `dataset_channels` tells them (1 or 3 values on grey data)."""
@@ -301,24 +313,18 @@ def validate_audit_params(params:dict) -> dict:
     check_dataset_name(p['dataset'])
     if not p['split_file']: raise RunError('split_file is required: the split manifest f and g were trained with (memssl.splits: Split(...).save)')
     if not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
-    if p['format'] not in FORMATS: raise RunError(f"unknown format {p['format']!r}; known formats: {list(FORMATS)}")
-    if p['format'] in NEEDS_ARCH and not p['arch']: raise RunError(f"format {p['format']!r} needs arch (e.g. resnet18, vit_tiny_patch16_224)")
-    if p['format'] == 'factory' and not (isinstance(p['factory'], str) and ':' in p['factory']):
-        raise RunError(f"format 'factory' needs factory='package.module:function', got {p['factory']!r}")
+    check_model_params(p)
     if p['head'] not in ('auto', 'none'): raise RunError(f"head must be 'auto' or 'none', got {p['head']!r}")
     if p['head_activation'] not in HEAD_ACTIVATIONS: raise RunError(f"head_activation must be one of {sorted(HEAD_ACTIVATIONS)}, got {p['head_activation']!r}")
-    if p['views'] not in ('simclr', 'mae'): raise RunError(f"views must be 'simclr' or 'mae', got {p['views']!r}")
     for k in ('n_views', 'max_score_per_set', 'batch_size'):
         if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
     if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
-    if not isinstance(p['crop_scale_min'], (int, float)) or not 0 < p['crop_scale_min'] <= 1: raise RunError(f"crop_scale_min must be in (0, 1], got {p['crop_scale_min']!r}")
-    _check_stats(p)
     if not p['run_dir']: raise RunError('run_dir must be set')
     try: pick_device(p['device'])
     except RuntimeError as e: raise RunError(str(e)) from None
     return p
 
-# %% ../nbs/15_audit.ipynb #c017
+# %% ../nbs/15_audit.ipynb #9edfcb8e
 from .runs import Run, check_same_run, claim_run, complete_run, params_id, score_points, tests_all_variants, check_pair
 from .memorization import FEATURES
 
@@ -445,21 +451,150 @@ def finish_audit(run:Audit, tests:pd.DataFrame) -> dict:
     complete_run(run)
     return m
 
-# %% ../nbs/15_audit.ipynb #4f7d3f3d
+# %% ../nbs/15_audit.ipynb #ff53a3e6
 from .io import ExperimentKind, register_kind
 from .runs import RunResult
 register_kind(ExperimentKind('audit', 'audit.ipynb', validate_audit_params, AUDIT_DEFAULTS, RunResult, 'runs/audit',
                              'SSLMem of encoders trained elsewhere (memssl-score)'))
 
-# %% ../nbs/15_audit.ipynb #c019
+# %% ../nbs/15_audit.ipynb #303e74cb
+from .layers import layer_names, unit_activations, unitmem, unit_summary, LayerError
+
+UNITMEM_DEFAULTS = dict(
+    dataset='fashion_mnist',     # the data the encoder was trained on: registry name, 'npz:PATH' or 'folder:PATH'
+    data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
+    encoder_path=None,           # checkpoint of the encoder (required)
+    format='torchvision',        # memssl, torchvision, timm, lightly, solo-learn, state_dict or factory
+    arch=None,                   # architecture for the format, e.g. resnet18
+    factory=None,                # 'package.module:function' returning the nn.Module (format factory)
+    views='simclr',              # training views: simclr or mae
+    crop_scale_min=0.08,         # smallest crop area fraction of the training views
+    color_strength=1.0,          # colour-jitter strength of the training views (simclr views)
+    mean=None,                   # per-channel normalisation mean used in training (None: the data's); 3 values on grey data: RGB views
+    std=None,                    # per-channel normalisation std used in training (None: the data's); 3 values on grey data: RGB views
+    split_file=None,             # a split manifest (its candidates against its extra set); None: the train split against the test split
+    layers=None,                 # block names (None: every block memssl knows for the model, see memssl.layers.layer_names)
+    unit_views=10,               # views per point (the paper's 10)
+    max_points=500,              # points of each side (trained on, never seen)
+    batch_size=128,              # points per batch (x views)
+    seed=0,                      # seed of the views and of the sampling of points
+    device='auto',               # 'auto' picks CUDA when present
+    run_dir='runs/unitmem/default',  # where this run's files go
+)
+
+def validate_unitmem_params(params:dict) -> dict:
+    "Complete a unitmem run's parameters with the defaults, make paths absolute and check every value before anything runs."
+    unknown = sorted(set(params) - set(UNITMEM_DEFAULTS))
+    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(UNITMEM_DEFAULTS)}')
+    p = resolve_paths({**UNITMEM_DEFAULTS, **params})
+    if not p['encoder_path']: raise RunError('encoder_path is required: the checkpoint of the encoder to audit')
+    p['encoder_path'] = str(Path(p['encoder_path']).expanduser().resolve())
+    if not Path(p['encoder_path']).is_file(): raise RunError(f"encoder_path: no file at {p['encoder_path']}")
+    check_dataset_name(p['dataset'])
+    if p['split_file']:
+        p['split_file'] = str(Path(p['split_file']).expanduser().resolve())
+        if not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
+    check_model_params(p)
+    for k in ('unit_views', 'max_points', 'batch_size'):
+        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
+    if p['max_points'] < 2: raise RunError(f"max_points must be >= 2 (UnitMem compares a point with the others), got {p['max_points']}")
+    if p['layers'] is not None and (not isinstance(p['layers'], (list, tuple)) or not p['layers'] or not all(isinstance(x, str) for x in p['layers'])):
+        raise RunError(f"layers must be a non-empty list of block names or None, got {p['layers']!r}")
+    if not isinstance(p['seed'], int) or p['seed'] < 0: raise RunError(f"seed must be an integer >= 0, got {p['seed']!r}")
+    if not p['run_dir']: raise RunError('run_dir must be set')
+    try: pick_device(p['device'])
+    except RuntimeError as e: raise RunError(str(e)) from None
+    return p
+
+class UnitmemAudit(Run):
+    "The run directory of a UnitMem audit of one encoder."
+    def __repr__(self): return f"UnitmemAudit({self.dir}, {Path(self.params['encoder_path']).name})"
+
+def start_unitmem_run(params:dict) -> UnitmemAudit:
+    "Validate, claim the run directory, and record the parameters with the SHA-256 of the checkpoint."
+    p = validate_unitmem_params(params)
+    run = UnitmemAudit(p)
+    files = dict(encoder=dict(path=p['encoder_path'], sha256=file_sha256(p['encoder_path'])))
+    old = run.path('params.json')
+    check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
+    if old.exists() and read_json(old).get('files') != files:
+        raise RunError(f'{run.dir} holds an audit of another checkpoint (its contents changed, or another file); choose another run_dir')
+    return claim_run(run, experiment='unitmem', files=files)
+
+def unitmem_points(run:UnitmemAudit) -> dict:
+    "The training data and at most `max_points` points the encoder trained on (`members`) and never saw (`null`), each `(images, indices)`, with their names."
+    p = run.params
+    train = load_dataset(p['dataset'], p['data_root'], 'train')
+    rng = np.random.default_rng(p['seed'])
+    pick = lambda ix: np.sort(rng.choice(np.asarray(ix), p['max_points'], replace=False)) if len(ix) > p['max_points'] else np.asarray(ix)
+    test = None
+    if p['split_file']:
+        split = load_split(p['split_file'], train)
+        split.save(run.path('split.json'))
+        if split.extra_from == 'test': test = load_dataset(p['dataset'], p['data_root'], 'test')
+        m, n, names = pick(split['candidates']), pick(split['extra']), ('the split\'s candidates', 'its extra set')
+    else:
+        try: test = load_dataset(p['dataset'], p['data_root'], 'test')
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise RunError(f"without split_file the null is the dataset's test split, and {p['dataset']} has none ({e}); give split_file") from None
+        m, n, names = pick(np.arange(len(train))), pick(np.arange(len(test))), ('the train split', 'the test split')
+    if min(len(m), len(n)) < 2: raise RunError(f'UnitMem needs at least 2 points on each side, got {len(m)} trained on and {len(n)} never seen')
+    nd = test if test is not None else train
+    return dict(train=train, members=(train.images[m], m), null=(nd.images[n], n), names=names)
+
+def run_unitmem_audit(run:UnitmemAudit, model:nn.Module, vc:ViewConfig, pts:dict) -> tuple:
+    "UnitMem of every unit of every layer on the members (role `candidates`) and on the null (role `extra`); writes `unitmem.csv`. Returns it and the skipped layers with the reason."
+    p = run.params
+    names = p['layers'] or layer_names(model)
+    out, skipped = [], {}
+    with run.timed('unitmem'):
+        for role, (ims, ix) in (('candidates', pts['members']), ('extra', pts['null'])):
+            for layer, mu in unit_activations(model, ims, vc, p['unit_views'], names, p['batch_size'], p['seed'], run.device).items():
+                try: out.append(unitmem(mu, ix, layer).assign(role=role))
+                except LayerError as e: skipped[layer] = str(e)
+    if len(skipped) == len(names): raise RunError('no layer has UnitMem: ' + ' | '.join(skipped.values()))
+    um = pd.concat(out, ignore_index=True)
+    um = um[~um.layer.isin(list(skipped))]
+    atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
+    return um, skipped
+
+def finish_unitmem_run(run:UnitmemAudit, um:pd.DataFrame, skipped:dict, pts:dict) -> dict:
+    "Write `metrics.json` (last, atomically) and mark the run complete."
+    us = unit_summary(um)
+    m = dict(params_id=params_id(run.params), experiment='unitmem', members=pts['names'][0], null=pts['names'][1],
+             n_members=len(pts['members'][1]), n_null=len(pts['null'][1]), skipped=skipped,
+             units=[{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in us.to_dict('records')], timings=run.timings)
+    atomic_write_json(run.path('metrics.json'), m)
+    complete_run(run)
+    return m
+
+class UnitmemResult:
+    "The files of a complete unitmem run, loaded."
+    def __init__(self, run_dir):
+        self.dir = Path(run_dir)
+        if not (self.dir / 'metrics.json').is_file(): raise RunError(f'{self.dir} is not a complete unitmem run (no metrics.json)')
+        meta = read_json(self.dir / 'params.json', 'params file')
+        if meta.get('experiment') != 'unitmem': raise RunError(f'{self.dir} is not a unitmem run')
+        self.params, self.meta = meta['params'], meta
+        self.metrics = read_json(self.dir / 'metrics.json', 'metrics file')
+        self.unitmem = pd.read_csv(self.dir / 'unitmem.csv')
+        self.units = pd.DataFrame(self.metrics['units'])
+        self.recorded, self.name = None, self.dir.name
+    def __repr__(self): return f'UnitmemResult({self.name})'
+
+register_kind(ExperimentKind('unitmem', 'unitmem.ipynb', validate_unitmem_params, UNITMEM_DEFAULTS, UnitmemResult, 'runs/unitmem',
+                             'UnitMem of one encoder trained elsewhere (memssl-score --unitmem)'))
+
+# %% ../nbs/15_audit.ipynb #ff7f24b4
 def main(argv=None):
     "Command line: memssl-score --f F --g G --split SPLIT [--dataset D] [--format F] [--arch A] [--views V] [--set k=v ...] [--dry-run]."
     import argparse, sys, yaml
     from memssl.grid import execute_run, default_notebook, failure_reason
     ap = argparse.ArgumentParser(prog='memssl-score', description='SSLMem of an f/g encoder pair trained elsewhere, against the split it was trained on.')
     ap.add_argument('--f', required=True, nargs='+', help='checkpoint of f (trained on shared + candidates); several: one per independent pair')
-    ap.add_argument('--g', required=True, nargs='+', help='checkpoint of g (trained on shared + independent); as many as --f, in the same order')
-    ap.add_argument('--split', required=True, help='the split manifest (JSON) f and g were trained with')
+    ap.add_argument('--g', nargs='+', help='checkpoint of g (trained on shared + independent); as many as --f, in the same order')
+    ap.add_argument('--split', help='the split manifest (JSON) f and g were trained with (with --unitmem: optional)')
+    ap.add_argument('--unitmem', action='store_true', help='UnitMem of one encoder (--f only): units that respond to single training points')
     ap.add_argument('--dataset', default=AUDIT_DEFAULTS['dataset'], help="registry name, 'npz:PATH' or 'folder:PATH'")
     ap.add_argument('--format', default=AUDIT_DEFAULTS['format'], choices=FORMATS)
     ap.add_argument('--arch', help='architecture, e.g. resnet18 or vit_tiny_patch16_224')
@@ -470,15 +605,23 @@ def main(argv=None):
     ap.add_argument('--dry-run', action='store_true', help='check the parameters and files, run nothing')
     ap.add_argument('--quiet', action='store_true', help="write the kernel's output only to the run's log.txt")
     a = ap.parse_args(argv)
-    p = dict(f_path=a.f[0] if len(a.f) == 1 else a.f, g_path=a.g[0] if len(a.g) == 1 else a.g, split_file=a.split, dataset=a.dataset,
+    if a.unitmem and (a.g or len(a.f) > 1): ap.error('--unitmem audits one encoder: give one checkpoint with --f and no --g')
+    if not a.unitmem and not (a.g and a.split): ap.error('--g and --split are required (or --unitmem to audit one encoder)')
+    kind = 'unitmem' if a.unitmem else 'audit'
+    if a.unitmem:
+        p = dict(encoder_path=a.f[0], split_file=a.split, dataset=a.dataset, format=a.format, arch=a.arch, factory=a.factory, views=a.views,
+                 run_dir=a.run_dir or f'runs/unitmem/{Path(a.f[0]).stem}')
+    else: p = dict(f_path=a.f[0] if len(a.f) == 1 else a.f, g_path=a.g[0] if len(a.g) == 1 else a.g, split_file=a.split, dataset=a.dataset,
              format=a.format, arch=a.arch, factory=a.factory, views=a.views, run_dir=a.run_dir or f'runs/audit/{Path(a.f[0]).stem}')
     for kv in a.set:
         if '=' not in kv: ap.error(f'--set expects KEY=VALUE, got {kv!r}')
         k, v = kv.split('=', 1); p[k] = yaml.safe_load(v)
     try:
-        p = validate_audit_params(p)
-        if a.dry_run: print(f"memssl-score: parameters ok; would audit {p['f_path']} (f) against {p['g_path']} (g) into {p['run_dir']}"); return 0
-        status = execute_run(default_notebook('audit.ipynb'), p, echo=not a.quiet)
+        p = (validate_unitmem_params if a.unitmem else validate_audit_params)(p)
+        if a.dry_run:
+            what = f"UnitMem of {p['encoder_path']}" if a.unitmem else f"{p['f_path']} (f) against {p['g_path']} (g)"
+            print(f"memssl-score: parameters ok; would audit {what} into {p['run_dir']}"); return 0
+        status = execute_run(default_notebook(f'{kind}.ipynb'), p, echo=not a.quiet)
     except (ValueError, FileNotFoundError, RunError) as e:
         print(f'memssl-score: {e}', file=sys.stderr); return 2
     if status == 'running':                                         # another launcher holds the run directory

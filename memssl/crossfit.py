@@ -9,7 +9,7 @@ __all__ = ['SCORES_FORMAT', 'ROLE_ORDER', 'ROW_KEY', 'STRATEGIES', 'CANARY_KINDS
            'fraction_memorised', 'ScoresSourceError', 'removal_sets', 'check_scores_source', 'retrain_budget',
            'make_canaries', 'plant_canaries', 'canary_ranks', 'canary_report', 'atypicality', 'atypicality_correlation']
 
-# %% ../nbs/13_crossfit.ipynb #c004
+# %% ../nbs/13_crossfit.ipynb #7b273ae3
 import hashlib, json
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -28,7 +28,7 @@ from .methods import METHODS
 from .train import TrainConfig, fit_many, changed_keys
 from .memorization import sslmem_scores, scoring_views, FEATURES
 
-# %% ../nbs/13_crossfit.ipynb #c005
+# %% ../nbs/13_crossfit.ipynb #9f375694
 class CrossfitError(ValueError):
     "Bad input to the cross-fitting layer, or a results file that belongs to another experiment."
 
@@ -51,7 +51,7 @@ def index_hash(idx) -> str:
     "12 hex digits of sha256 of the sorted int64 indices: names a set of points independent of their order."
     return hashlib.sha256(np.sort(_indices(idx, 'indices')).tobytes()).hexdigest()[:12]
 
-# %% ../nbs/13_crossfit.ipynb #c008
+# %% ../nbs/13_crossfit.ipynb #0e76e289
 def crossfit_folds(pool,              # dataset indices of the points to score
                    n_folds:int=2,     # number of folds (and of encoders)
                    seed:int=0) -> list:
@@ -69,24 +69,30 @@ class CrossfitPlan:
     pool: np.ndarray     # sorted pool indices
     shared: np.ndarray   # sorted indices every encoder trains on
     folds: list          # fold j: sorted indices
-    train: list          # encoder j: sorted training indices (shared + every fold but j)
+    train: list          # encoder j: its training indices in training order (shared + every fold but j)
     pairs: list          # fold j: (f, g) = ((j + 1) % n_folds, j)
     seed: int
     @property
     def n_folds(self) -> int: return len(self.folds)
 
-def crossfit_plan(pool, shared, n_folds:int=2, seed:int=0) -> CrossfitPlan:
-    "Folds of `pool`, each encoder's training indices and each fold's (f, g) encoder pair."
+def crossfit_plan(pool, shared, n_folds:int=2, seed:int=0, coupled:bool=False, labels=None) -> CrossfitPlan:
+    """Folds of `pool`, each encoder's training indices and each fold's (f, g) encoder pair. Uncoupled: each encoder's indices sorted.
+    Coupled: the shared points first (sorted, the same slots for every encoder), then the other folds in cyclic order from fold j + 1,
+    each ordered by label (by `labels`, indexed by dataset index, where given) and index, so that matching slots hold points of a class."""
     pool = _unique(_indices(pool, 'pool'), 'pool')
     shared = _unique(_indices(shared, 'shared'), 'shared')
     both = np.intersect1d(pool, shared)
     if len(both): raise CrossfitError(f'pool and shared overlap in {len(both)} indices (e.g. {int(both[0])}); they must be disjoint')
     folds = crossfit_folds(pool, n_folds, seed)
     n = len(folds)
-    train = [np.sort(np.concatenate([shared] + [folds[k] for k in range(n) if k != j])) for j in range(n)]
+    if not coupled: train = [np.sort(np.concatenate([shared] + [folds[k] for k in range(n) if k != j])) for j in range(n)]
+    else:
+        lab = None if labels is None else np.asarray(labels)
+        order = lambda f: f if lab is None else f[np.lexsort((f, lab[f]))]
+        train = [np.concatenate([np.sort(shared)] + [order(folds[(j + i) % n]) for i in range(1, n)]) for j in range(n)]
     return CrossfitPlan(np.sort(pool), np.sort(shared), folds, train, [((j + 1) % n, j) for j in range(n)], seed)
 
-# %% ../nbs/13_crossfit.ipynb #c012
+# %% ../nbs/13_crossfit.ipynb #4b3fb05d
 SCORES_FORMAT = 'memssl-crossfit/1'
 ROLE_ORDER = ('pool', 'extra')
 
@@ -108,7 +114,7 @@ def load_seed_scores(out_dir, seed:int) -> tuple:
 
 def _jsonable(o): return json.loads(json.dumps(o, default=lambda v: v.tolist() if hasattr(v, 'tolist') else str(v)))
 
-# %% ../nbs/13_crossfit.ipynb #c013
+# %% ../nbs/13_crossfit.ipynb #4ad76afb
 def _check_inputs(images, labels, pool, shared, extra, method, encoder_config, view_config, features, n_views):
     "Validate everything `crossfit_seed` is given before anything is trained or written."
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
@@ -133,7 +139,7 @@ def _check_inputs(images, labels, pool, shared, extra, method, encoder_config, v
     if not isinstance(n_views, int) or n_views < 2: raise CrossfitError(f'n_views must be an integer >= 2 (alignment compares pairs of views), got {n_views!r}')
     return extra
 
-# %% ../nbs/13_crossfit.ipynb #c014
+# %% ../nbs/13_crossfit.ipynb #a4881892
 def crossfit_seed(data,                      # an `ImageData` (its fingerprint names the data) or uint8 images (N, C, H, W)
                   pool, shared, extra,       # dataset indices (into `data`): scored, trained on by all, trained on by none
                   method:str,                # SSL method name (memssl.methods.METHODS)
@@ -143,6 +149,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
                   out_dir,                   # checkpoints in seed{seed}/enc{j}, scores in scores_seed{seed}.csv
                   seed:int=0,                # partition, initialisation, data order, training and scoring views
                   partition_seed:int|None=None,  # seed of the fold partition alone (None: `seed`); fixed, every seed trains on the same folds
+                  coupled:bool=False,        # order the training sets as common random numbers (see `crossfit_plan`)
                   n_folds:int=2,
                   n_views:int=16,            # K views per point for SSLMem
                   features=FEATURES,         # feature variants to score (see memssl.memorization.FEATURES)
@@ -163,7 +170,8 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
     tc = asdict(train_config) if isinstance(train_config, TrainConfig) else dict(asdict(TrainConfig(**train_config)))
     tc['seed'] = seed
     features = [features] if isinstance(features, str) else list(features)
-    plan = crossfit_plan(pool, shared, n_folds, seed if partition_seed is None else partition_seed)
+    plan = crossfit_plan(pool, shared, n_folds, seed if partition_seed is None else partition_seed, coupled,
+                         None if labels is None else (labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)))
     extra = _check_inputs(images, labels, plan.pool, plan.shared, extra, method, encoder_config, view_config, features, n_views)
     if fp is None: fp = fingerprint(images, labels if labels is not None else torch.zeros(len(images), dtype=torch.int64))
     hparams = dict(hparams or {})
@@ -171,7 +179,8 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
                             n_pool=len(plan.pool), pool_hash=index_hash(plan.pool), shared_hash=index_hash(plan.shared),
                             n_extra=len(extra), extra_hash=index_hash(extra), fold_hashes=[index_hash(f) for f in plan.folds],
                             n_views=n_views, features=features, labelled=labels is not None, method=method, hparams=hparams,
-                            encoder_config=encoder_config, view_config=view_config.to_dict(), train_config=tc))
+                            encoder_config=encoder_config, view_config=view_config.to_dict(), train_config=tc)
+                   | (dict(coupled=True) if coupled else {}))              # absent when uncoupled: earlier records stay valid
     out = Path(out_dir)
     csv_path, meta_path = scores_paths(out, seed)
     if csv_path.exists() and meta_path.exists():
@@ -187,7 +196,7 @@ def crossfit_seed(data,                      # an `ImageData` (its fingerprint n
     jobs = [dict(name=f'seed{seed}/enc{j}', method=method, encoder_config=encoder_config, view_config=view_config.to_dict(),
                  init_seed=seed, hparams=hparams, images=images[torch.as_tensor(t)], train_config=tc,
                  out_dir=out / f'seed{seed}' / f'enc{j}', device=str(device),
-                 data_id=f'{fp}:crossfit-seed{seed}-enc{j}:{index_hash(t)}')
+                 data_id=f'{fp}:crossfit-seed{seed}-enc{j}:{index_hash(t)}' + (':coupled' if coupled else ''))
             for j, t in enumerate(plan.train)]
     fit_many(jobs, parallel=parallel)
     encs = [load_encoder(j['out_dir'] / 'encoder.pt', map_location=device) for j in jobs]
@@ -214,7 +223,7 @@ def _sort_scores(df:pd.DataFrame, features) -> pd.DataFrame:
                         'r': df['role'].map({r: i for i, r in enumerate(ROLE_ORDER)}), 'i': df['idx'], 'p': df['fold']})
     return df.loc[key.sort_values(['v', 'r', 'i', 'p'], kind='stable').index].reset_index(drop=True)
 
-# %% ../nbs/13_crossfit.ipynb #c018
+# %% ../nbs/13_crossfit.ipynb #7909b2af
 ROW_KEY = ['seed', 'idx', 'role', 'fold', 'features']   # one row of a per-seed table
 
 def _stack(per_seed) -> pd.DataFrame:
@@ -263,7 +272,7 @@ def select_scores(agg:pd.DataFrame, features:str, role:str='pool') -> pd.DataFra
     if rows.empty: raise CrossfitError(f'no {role!r} scores for feature variant {features!r}')
     return rows.reset_index(drop=True)
 
-# %% ../nbs/13_crossfit.ipynb #c020
+# %% ../nbs/13_crossfit.ipynb #51e24d47
 from .pointwise import spearman_brown     # n r / (1 + (n - 1) r); defined with the per-point statistics
 
 def seed_reliability(per_seed,              # list of `crossfit_seed` tables (one per seed)
@@ -287,7 +296,7 @@ def seed_reliability(per_seed,              # list of `crossfit_seed` tables (on
                          reliability=spearman_brown(pear, n), reliability_spearman=spearman_brown(spear, n)))
     return pd.DataFrame(rows)
 
-# %% ../nbs/13_crossfit.ipynb #c024
+# %% ../nbs/13_crossfit.ipynb #6fb4bc1e
 def _scores_array(x, what:str) -> np.ndarray:
     a = np.asarray(x.to_numpy() if hasattr(x, 'to_numpy') else x, dtype=float).ravel()
     if len(a) == 0: raise CrossfitError(f'{what} is empty')
@@ -311,7 +320,7 @@ def fraction_memorised(pool_scores, threshold:float, q:float=0.95) -> dict:
     return dict(n=len(s), n_above=k, fraction=k / len(s), expected=1 - q, excess=k / len(s) - (1 - q),
                 p_value=float(stats.binomtest(k, len(s), 1 - q, alternative='greater').pvalue))
 
-# %% ../nbs/13_crossfit.ipynb #c028
+# %% ../nbs/13_crossfit.ipynb #c3ad63c3
 STRATEGIES = ('top', 'bottom', 'random', 'none')
 
 class ScoresSourceError(CrossfitError):
@@ -373,7 +382,7 @@ def check_scores_source(meta:dict,               # a scores record (`scores_seed
                                 f'but this pool has {len(_indices(pool, "pool"))} points (hash {h})')
     return meta
 
-# %% ../nbs/13_crossfit.ipynb #c031
+# %% ../nbs/13_crossfit.ipynb #054ddd4d
 def retrain_budget(n_full:int,        # training-set size of the reference run (shared + pool)
                    n_kept:int,        # training-set size after removal (shared + kept)
                    epochs:int,        # epochs of the reference run
@@ -387,7 +396,7 @@ def retrain_budget(n_full:int,        # training-set size of the reference run (
     if mode != 'steps': raise CrossfitError(f"mode must be 'steps' or 'epochs', got {mode!r}")
     return int(np.floor(epochs * n_full / n_kept + 0.5))
 
-# %% ../nbs/13_crossfit.ipynb #c034
+# %% ../nbs/13_crossfit.ipynb #67a8a9ca
 CANARY_KINDS = ('noise', 'inverted', 'stripes', 'patch', 'blobs')
 FIRST_KINDS = CANARY_KINDS[:4]                  # the default set (blobs came later; asking for it changes nothing of the others)
 
@@ -446,7 +455,7 @@ def plant_canaries(data:ImageData, kinds=FIRST_KINDS, n_per_kind:int=8, seed:int
     new = ImageData(images, labels, list(data.classes), f'{data.name}+canaries', data.split, fingerprint(images, labels))
     return new, np.arange(len(data), len(images), dtype=np.int64), k
 
-# %% ../nbs/13_crossfit.ipynb #c038
+# %% ../nbs/13_crossfit.ipynb #0b60a87c
 def _score_table(scores:pd.DataFrame, score:str) -> pd.DataFrame:
     "Check a table with one finite `score` per unique `idx`."
     for c in ('idx', score):
@@ -483,7 +492,7 @@ def canary_report(scores:pd.DataFrame, canary_idx, canary_kinds, score:str='sslm
                          mean_score=g['score'].mean(), n_other=len(other), other_mean_score=other.mean()))
     return pd.DataFrame(rows)
 
-# %% ../nbs/13_crossfit.ipynb #c042
+# %% ../nbs/13_crossfit.ipynb #30d4528c
 def atypicality(features,                 # (N, D) reference features (tensor or array)
                 labels,                   # (N,) class labels
                 k:int=10,                 # neighbours for knn_dist

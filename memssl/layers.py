@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'LayerError', 'layer_names', 'resolve_layers', 'pool', 'layer_features',
-           'view_batches', 'layermem_scores', 'unit_activations', 'unitmem', 'validate_layers_params', 'LayersRun',
-           'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary',
-           'finish_layers_run', 'LayersResult', 'record_layers_run', 'layers_table', 'plot_layermem', 'plot_unitmem']
+           'view_batches', 'layermem_scores', 'unit_activations', 'unitmem', 'source_sslmem_run',
+           'validate_layers_params', 'LayersRun', 'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem',
+           'layer_summary', 'unit_summary', 'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run',
+           'layers_table', 'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #d1cefe71
+# %% ../nbs/19_layers.ipynb #a0c6e886
 import numpy as np
 import pandas as pd
 import torch
@@ -22,7 +23,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #8ffcc531
+# %% ../nbs/19_layers.ipynb #6ccd7de0
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -33,6 +34,9 @@ def layer_names(model:nn.Module) -> list:
     if all(hasattr(m, f'layer{i}') for i in range(1, 5)) and hasattr(m, 'conv1'):        # torchvision ResNet
         return [f'layer{i}.{j}' for i in range(1, 5) for j in range(len(getattr(m, f'layer{i}')))]
     if hasattr(m, 'blocks') and hasattr(m, 'patch_embed'): return [f'blocks.{i}' for i in range(len(m.blocks))]   # timm ViT
+    if hasattr(m, 'backbone') and hasattr(m, 'head'): return [f'backbone.{n}' for n in layer_names(m.backbone)]      # a backbone with its head
+    kids = list(m.named_children())
+    if len(kids) == 1: return [f'{kids[0][0]}.{n}' for n in layer_names(kids[0][1])]    # a wrapper (grey-to-RGB, a loaded module)
     raise LayerError(f'memssl does not know the layers of a {type(m).__name__}; name them (submodule names, as in named_modules())')
 
 def resolve_layers(model:nn.Module, layers=None) -> list:
@@ -45,7 +49,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #7c620620
+# %% ../nbs/19_layers.ipynb #ecdfbe32
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -70,7 +74,7 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None) -> dict:
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #ced3294a
+# %% ../nbs/19_layers.ipynb #a6ebcbca
 def view_batches(images:torch.Tensor, view_config:ViewConfig, n_views:int, batch_size:int, seed:int, device='cpu'):
     """Batches `(B, K, views (B*K, C, S, S))` of `n_views` views of each image, every view drawn up front from `seed` as
     `memorization.alignment_scores` draws them, so LayerMem and UnitMem see the views SSLMem's scorer sees."""
@@ -110,7 +114,7 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #86928fc5
+# %% ../nbs/19_layers.ipynb #65b1e026
 @torch.no_grad()
 def unit_activations(model:nn.Module, images:torch.Tensor, view_config:ViewConfig, n_views:int=10, layers=None,
                      batch_size:int=128, seed:int=0, device='cpu') -> dict:
@@ -142,7 +146,7 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #8273cacd
+# %% ../nbs/19_layers.ipynb #49c5b3ea
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
@@ -164,19 +168,25 @@ LAYERS_DEFAULTS = dict(
     run_dir='runs/layers/default',   # where this run's files go
 )
 
+def source_sslmem_run(value, kind:str, checkpoints:bool=True) -> Path:
+    "The absolute path of a `source_run` parameter, checked: a complete SSLMem run without canaries, with its checkpoints if `checkpoints`."
+    if not value: raise RunError('source_run is required: a complete SSLMem run directory' + (' with its checkpoints' if checkpoints else ''))
+    src = Path(value).expanduser().resolve()
+    if not src.is_dir(): raise RunError(f'source_run: no directory at {src}')
+    if not (src / 'metrics.json').is_file(): raise RunError(f'source_run {src} is not a complete run (no metrics.json); see its status.json')
+    other = read_json(src / 'params.json', 'params file').get('experiment', 'sslmem')
+    if other != 'sslmem': raise RunError(f'source_run {src} is a {other} run; a {kind} run reads an SSLMem run')
+    if checkpoints and not (src / 'ckpt' / 'f' / 'encoder.pt').is_file():
+        raise RunError(f'source_run {src} has no checkpoints (ckpt/f/encoder.pt): a {kind} run reads the encoders, which a recorded summary does not keep')
+    if run_canaries(src) is not None: raise RunError(f'source_run {src} planted canaries; {kind} runs of such runs are not supported yet')
+    return src
+
 def validate_layers_params(params:dict) -> dict:
     "Complete a layers run's parameters with the defaults and check them (the source run must be complete and hold its checkpoints)."
     unknown = sorted(set(params) - set(LAYERS_DEFAULTS))
     if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(LAYERS_DEFAULTS)}')
     p = resolve_paths({**LAYERS_DEFAULTS, **params})
-    if not p['source_run']: raise RunError('source_run is required: a complete SSLMem run directory with its checkpoints')
-    src = Path(p['source_run']).expanduser().resolve(); p['source_run'] = str(src)
-    if not src.is_dir(): raise RunError(f'source_run: no directory at {src}')
-    if not (src / 'metrics.json').is_file(): raise RunError(f'source_run {src} is not a complete run (no metrics.json); see its status.json')
-    kind = read_json(src / 'params.json', 'params file').get('experiment', 'sslmem')
-    if kind != 'sslmem': raise RunError(f'source_run {src} is a {kind} run; a layers run reads the f/g pairs of an SSLMem run')
-    if not (src / 'ckpt' / 'f' / 'encoder.pt').is_file(): raise RunError(f'source_run {src} has no checkpoints (ckpt/f/encoder.pt): a recorded summary cannot be read layer by layer')
-    if run_canaries(src) is not None: raise RunError(f'source_run {src} planted canaries; layers runs of such runs are not supported yet')
+    src = source_sslmem_run(p['source_run'], 'layers'); p['source_run'] = str(src)
     for k in ('n_views', 'unit_views', 'max_points', 'batch_size'):
         if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
     if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
@@ -201,9 +211,10 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #1dc9db8c
-def layers_inputs(run:LayersRun) -> dict:
-    "The source run's data, split, views, pairs (checked against the split) and the points to score: at most `max_points` per set."
+# %% ../nbs/19_layers.ipynb #915ec89c
+def layers_inputs(run:Run, whole=()) -> dict:
+    """The source run's data, split, views, pairs (checked against the split) and the points to score with their labels: at most
+    `max_points` per set, except the sets named in `whole`. Any run whose parameters hold `source_run`, `device`, `seed` and `max_points`."""
     src = RunResult(run.params['source_run'])
     sp = src.params
     srun = Run({**sp, 'run_dir': run.params['source_run'], 'device': run.params['device']})
@@ -213,12 +224,13 @@ def layers_inputs(run:LayersRun) -> dict:
         pairs = [load_encoders(srun, src.split, train, r) for r in range(sp.get('n_pairs', 1))]
     vc = run_view_config(srun, train)
     rng = np.random.default_rng(run.params['seed'])
-    pts = {}
+    pts, labels = {}, {}
     for r in ROLES:
         ix = np.asarray(src.split[r])
-        if len(ix) > run.params['max_points']: ix = np.sort(rng.choice(ix, run.params['max_points'], replace=False))
-        if len(ix): pts[r] = (test if r == 'extra' and test is not None else train).images[ix], ix
-    return dict(source=src, train=train, pairs=pairs, views=vc, points=pts)
+        if len(ix) > run.params['max_points'] and r not in whole: ix = np.sort(rng.choice(ix, run.params['max_points'], replace=False))
+        data = test if r == 'extra' and test is not None else train
+        if len(ix): pts[r], labels[r] = (data.images[ix], ix), np.asarray(data.labels)[ix]
+    return dict(source=src, train=train, pairs=pairs, views=vc, points=pts, labels=labels)
 
 def run_layermem(run:LayersRun, inp:dict) -> pd.DataFrame:
     "LayerMem of every pair on every set; writes `layermem.csv`."
@@ -247,7 +259,7 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #d6c57cc0
+# %% ../nbs/19_layers.ipynb #f1a2350a
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -296,7 +308,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #b4458b57
+# %% ../nbs/19_layers.ipynb #86d1b258
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -317,21 +329,24 @@ class LayersResult:
 
 LAYERS_RECORD_FILES = ('params.json', 'metrics.json', 'unitmem.csv')
 
+def record_summary(result, dest, command:str, files) -> Path:
+    "Copy `files` of a loaded complete run (`result.dir`, `.meta`, `.metrics`) to `dest`, with its commit, command, machine and timings in `RECORDED.json`."
+    from memssl.io import run_machine
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    for f in files: atomic_write_text(dest / f, (result.dir / f).read_text())
+    atomic_write_json(dest / 'RECORDED.json', dict(source=str(result.dir), git_commit=result.meta.get('git_commit'), command=command,
+                                                   recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=result.meta.get('device'),
+                                                   machine=run_machine(result.meta), timings=result.metrics.get('timings')))
+    return dest
+
 def record_layers_run(run_dir, dest, command:str) -> Path:
     "Copy a complete layers run's summary files (not `layermem.csv`, one row per pair, layer and point) to `dest`, with its commit, command, machine and timings."
-    from memssl.io import run_machine
-    r = LayersResult(run_dir)
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    for f in LAYERS_RECORD_FILES: atomic_write_text(dest / f, (r.dir / f).read_text())
-    atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
-                                                   recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   machine=run_machine(r.meta), timings=r.metrics.get('timings')))
-    return dest
+    return record_summary(LayersResult(run_dir), dest, command, LAYERS_RECORD_FILES)
 
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #2116c064
+# %% ../nbs/19_layers.ipynb #25625185
 def layers_table(layers:pd.DataFrame):
     "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
     short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',

@@ -10,7 +10,7 @@ __all__ = ['REMOVAL_DEFAULTS', 'REMOVAL_NON_RESULT', 'STRAT_COLORS', 'RECORD_FIL
            'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult',
            'list_removal_runs', 'record_run']
 
-# %% ../nbs/14_removal.ipynb #c004
+# %% ../nbs/14_removal.ipynb #d28ef5e4
 import json, os, time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +32,7 @@ from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
                              atypicality, atypicality_correlation, CANARY_KINDS, STRATEGIES, index_hash)
 
-# %% ../nbs/14_removal.ipynb #c006
+# %% ../nbs/14_removal.ipynb #2929c8e0
 REMOVAL_DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -45,6 +45,7 @@ REMOVAL_DEFAULTS = dict(
     n_folds=2,                   # cross-fitting folds
     score_seeds=2,               # cross-fitting seeds averaged per point
     fixed_partition=False,       # True: every score seed trains on the same folds (only initialisation, order and views vary)
+    coupled=False,               # True: the folds' encoders train as common random numbers (memssl.crossfit.crossfit_plan)
     method='simclr',             # SSL method (memssl.methods.METHODS)
     backbone='small_cnn',        # memssl.models.BACKBONES
     epochs=100,                  # epochs of the cross-fitting (scoring) encoders
@@ -100,6 +101,7 @@ def validate_removal_params(params:dict) -> dict:
     for k in ('n_shared', 'n_extra', 'n_canaries', 'seed'): _posint(p, k, 0)
     if p['retrain_epochs'] is not None: _posint(p, 'retrain_epochs')
     if not isinstance(p['fixed_partition'], bool): raise RunError(f"fixed_partition must be true or false, got {p['fixed_partition']!r}")
+    if not isinstance(p['coupled'], bool): raise RunError(f"coupled must be true or false, got {p['coupled']!r}")
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
     if p['n_extra'] < 2: raise RunError(f"n_extra must be >= 2: the extra set gives the null distribution of scores, got {p['n_extra']}")
     if p['n_pool'] < 2 * p['n_folds']: raise RunError(f"n_pool must be at least 2 x n_folds, got {p['n_pool']}")
@@ -117,7 +119,7 @@ def validate_removal_params(params:dict) -> dict:
     check_training_params(p)
     return p
 
-# %% ../nbs/14_removal.ipynb #c010
+# %% ../nbs/14_removal.ipynb #5606c476
 def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     "Dataset indices of the pool (real points), shared, extra and canaries for a removal run."
     need = p['n_pool'] + p['n_shared'] + p['n_extra']
@@ -128,7 +130,7 @@ def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     return dict(shared=np.sort(perm[:a]), pool=np.sort(perm[a:b]), extra=np.sort(perm[b:b + p['n_extra']]),
                 canaries=np.arange(n_train, n_train + n_canaries, dtype=np.int64))
 
-# %% ../nbs/14_removal.ipynb #c013
+# %% ../nbs/14_removal.ipynb #d2a521bd
 def start_removal_run(params:dict) -> Run:
     "Validate, claim the run directory and record parameters and provenance."
     p = validate_removal_params(params)
@@ -163,7 +165,7 @@ def load_removal_data(run:Run) -> dict:
     atomic_write_json(run.path('params.json'), d)
     return dict(base=base, train=train, sets=sets, canary_kinds=ckinds, tasks=tasks, view_config=vc, encoder_config=ec)
 
-# %% ../nbs/14_removal.ipynb #c014
+# %% ../nbs/14_removal.ipynb #ae2ae71d
 def score_pool(run:Run, data:dict) -> dict:
     "Cross-fitted scores of every pool point and canary, per seed and averaged; writes `scores_seed*.csv`, `scores.csv`, `reliability.csv`."
     p, s = run.params, data['sets']
@@ -176,7 +178,8 @@ def score_pool(run:Run, data:dict) -> dict:
             per_seed.append(crossfit_seed(data['train'], pool, s['shared'], s['extra'], p['method'], data['encoder_config'],
                                           data['view_config'], run_train_config(p), run.path('crossfit'), seed=sd, n_folds=p['n_folds'],
                                           n_views=p['n_views'], features=list(FEATURES), device=run.device, parallel=parallel_of(p),
-                                          hparams=method_hparams(p), partition_seed=p['seed'] if p['fixed_partition'] else None))
+                                          hparams=method_hparams(p), partition_seed=p['seed'] if p['fixed_partition'] else None,
+                                          coupled=p['coupled']))
     agg = aggregate_scores(per_seed)
     agg['canary'] = agg['idx'].isin(s['canaries'])
     kinds = dict(zip(s['canaries'].tolist(), data['canary_kinds'].tolist()))
@@ -186,7 +189,7 @@ def score_pool(run:Run, data:dict) -> dict:
     atomic_write_text(run.path('reliability.csv'), rel.to_csv(index=False))
     return dict(per_seed=per_seed, scores=agg, reliability=rel)
 
-# %% ../nbs/14_removal.ipynb #c016
+# %% ../nbs/14_removal.ipynb #47755f0b
 def canary_levers(per_seed:list, sets:dict, canary_kinds) -> pd.DataFrame:
     "Canary AUROC per kind for every feature variant, score normalisation and number of seeds averaged."
     rows = []
@@ -210,7 +213,7 @@ def memorised_summary(scores:pd.DataFrame, sets:dict, features:str, q:float=0.95
     thr = memorised_threshold(null, q)
     return dict(features=features, q=q, threshold=thr, **fraction_memorised(pool, thr, q))
 
-# %% ../nbs/14_removal.ipynb #c018
+# %% ../nbs/14_removal.ipynb #fee74820
 def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
     "One job per retraining: the no-removal baseline and each (fraction, strategy) for each retraining seed."
     n_full = len(sets['shared']) + len(sets['pool'])
@@ -227,7 +230,7 @@ def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
                              n_removed=len(removed), removed_hash=index_hash(removed), epochs=ep))
     return jobs
 
-# %% ../nbs/14_removal.ipynb #c019
+# %% ../nbs/14_removal.ipynb #f2b9f90a
 def _match_channels(images:torch.Tensor, c:int) -> torch.Tensor:
     "Grey images for an RGB encoder (repeated) or RGB images for a grey one (channel mean), as uint8."
     if images.shape[1] == c: return images
@@ -290,7 +293,7 @@ def retrain_and_probe(run:Run, data:dict, jobs:list) -> pd.DataFrame:
     atomic_write_text(run.path('removal.csv'), df.to_csv(index=False))
     return df
 
-# %% ../nbs/14_removal.ipynb #c021
+# %% ../nbs/14_removal.ipynb #6d3fcee2
 def paired_tests(removal:pd.DataFrame, a:str='top', b:str='random', alternative:str='less') -> pd.DataFrame:
     "Paired one-sided t tests of strategy `a` against `b` per fraction, task and probe, with the minimum detectable difference."
     rows = []
@@ -331,7 +334,7 @@ def holm(p:np.ndarray) -> np.ndarray:
         running = max(running, min(1.0, (m - i) * p[j])); out[j] = running
     return out
 
-# %% ../nbs/14_removal.ipynb #c024
+# %% ../nbs/14_removal.ipynb #f2cb9506
 def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.DataFrame:
     "Correlations of the pool's mean scores with atypicality in the baseline encoder's features and in pixels."
     p, s = run.params, data['sets']
@@ -352,7 +355,7 @@ def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.
     atomic_write_text(run.path('atypicality.csv'), both.to_csv(index=False))
     return tab
 
-# %% ../nbs/14_removal.ipynb #c025
+# %% ../nbs/14_removal.ipynb #ea32257e
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, 'item') else v)) for k, v in r.items()}
             for r in df.to_dict('records')]
@@ -370,7 +373,7 @@ def finish_removal_run(run:Run, sc:dict, levers:pd.DataFrame, canaries:pd.DataFr
     complete_run(run)
     return m
 
-# %% ../nbs/14_removal.ipynb #c027
+# %% ../nbs/14_removal.ipynb #0dcc7915
 import matplotlib.pyplot as plt
 
 STRAT_COLORS = {'top': '#c0392b', 'random': '#7f8c8d', 'bottom': '#2471a3', 'none': 'k'}
@@ -445,7 +448,7 @@ def plot_atypicality(atyp:pd.DataFrame):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #c028
+# %% ../nbs/14_removal.ipynb #fd2cfd3c
 def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, score:str='sslmem'):
     "Per class (rows): its `n` most memorised points (left) and `n` least memorised (right), with their scores."
     labels = sorted(scores['label'].unique())
@@ -466,7 +469,7 @@ def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, s
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #c032
+# %% ../nbs/14_removal.ipynb #5fcf49cc
 class RemovalResult:
     "The files of a complete removal run (or a recorded copy of its summary files), loaded."
     def __init__(self, run_dir):
@@ -515,7 +518,7 @@ def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
                                                    machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
     return dest
 
-# %% ../nbs/14_removal.ipynb #08bec02c
+# %% ../nbs/14_removal.ipynb #a739eb3a
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('removal', 'removal.ipynb', validate_removal_params, REMOVAL_DEFAULTS, RemovalResult, 'runs/removal',
                              'cross-fitted SSLMem of a pool, then top/random/bottom removal, retraining and probes'))

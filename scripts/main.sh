@@ -23,6 +23,10 @@ echo "== where memorisation lives in the default run's encoders (experiments/lay
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/layers.yml
 echo "== the layers run took $(( $(date +%s) - t1 )) s"
+echo "== DejaVu beside SSLMem for the same encoders (experiments/dejavu.yml: corner crops labelled by public neighbours, nothing trained)"
+t1=$(date +%s)
+.venv/bin/memssl-grid experiments/dejavu.yml
+echo "== the dejavu run took $(( $(date +%s) - t1 )) s"
 echo "== running the removal demonstration (experiments/removal_demo.yml: cross-fitted scores, canaries, a small removal experiment)"
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/removal_demo.yml

@@ -188,3 +188,35 @@ def test_several_pairs_are_audited_together_as_a_run_of_pairs_scores_them(tmp_pa
     bad = score('--f', r.dir / 'ckpt/f/encoder.pt', r.dir / 'ckpt/pair1/f/encoder.pt', '--g', r.dir / 'ckpt/g/encoder.pt', '--split', r.dir / 'split.json',
                 '--dataset', f'npz:{npz}', '--format', 'memssl', '--run-dir', tmp_path / 'audit2', '--dry-run')
     assert bad.returncode == 2 and 'f_path names 2 checkpoints and g_path 1' in bad.stderr, bad.stderr
+
+
+def test_unitmem_of_an_external_checkpoint_through_the_command(grey_data):
+    """One torchvision ResNet-18, built, trained a step and saved here, audited with memssl-score --unitmem: against the split's
+    extra set, and (a dry run) against the test split when no split is given; --g with --unitmem is refused."""
+    import numpy as np
+    from memssl.audit import UnitmemResult
+    d, data, split = grey_data
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    x = torch.rand(8, 3, 16, 16)
+    loss = net(x).pow(2).mean()                       # one step of anything: the weights are no longer their initialisation
+    opt = torch.optim.SGD(net.parameters(), lr=0.1); opt.zero_grad(); loss.backward(); opt.step()
+    torch.save(net.state_dict(), d / 'one.pt')
+    args = ['--unitmem', '--f', d / 'one.pt', '--dataset', data, '--format', 'torchvision', '--arch', 'resnet18', *IMAGENET]
+    out = score(*args, '--split', split, '--run-dir', d / 'um', '--set', 'device=cpu', '--set', 'unit_views=2')
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = UnitmemResult(d / 'um')
+    blocks = [f'module.layer{i}.{j}' for i in range(1, 5) for j in range(2)]     # the grey-to-RGB wrapper's ResNet blocks
+    assert r.units['layer'].tolist() == blocks
+    assert set(r.unitmem['role']) == {'candidates', 'extra'}
+    assert r.unitmem.groupby('role').size().to_dict() == {'candidates': 1920, 'extra': 1920}     # two blocks of each stage: 2 x (64 + 128 + 256 + 512) units per side
+    units = {'layer1': 64, 'layer2': 128, 'layer3': 256, 'layer4': 512}
+    assert r.units['units'].tolist() == [units[b.split('.')[1]] for b in blocks]
+    assert r.unitmem['unitmem'].between(0, 1).all()
+    assert set(r.unitmem.loc[r.unitmem.role == 'candidates', 'argmax']) <= set(json.loads(Path(split).read_text())['sets']['candidates'])
+    assert (r.metrics['n_members'], r.metrics['n_null']) == (20, 20)
+    dry = score(*args, '--run-dir', d / 'um-dry', '--dry-run')
+    assert dry.returncode == 0 and 'UnitMem of' in dry.stdout, dry.stdout + dry.stderr
+    both = score(*args, '--g', d / 'one.pt', '--run-dir', d / 'um-bad')
+    assert both.returncode == 2 and 'one encoder' in both.stderr, both.stdout + both.stderr
+    assert not (d / 'um-bad').exists() and not (d / 'um-dry').exists()
