@@ -4,20 +4,22 @@
 
 # %% auto #0
 __all__ = ['BACKBONES', 'CKPT_FORMAT', 'SmallCNN', 'cifar_resnet', 'conv_bn', 'Residual', 'ResNet9', 'vit_patch_size', 'timm_vit',
-           'takes_patch_size', 'build_backbone', 'lightly_module', 'build_projector', 'Encoder', 'visible_tokens',
-           'encoder_config', 'CheckpointError', 'save_encoder', 'load_tensors', 'read_checkpoint', 'load_encoder']
+           'takes_patch_size', 'build_backbone', 'lightly_module', 'build_projector', 'Encoder', 'to_group_norm',
+           'visible_tokens', 'encoder_config', 'CheckpointError', 'save_encoder', 'load_tensors', 'read_checkpoint',
+           'load_encoder']
 
-# %% ../nbs/04_models.ipynb #c004
+# %% ../nbs/04_models.ipynb #907e7f11
 import inspect, json
 from pathlib import Path
 
 import torch
+import math
 import torch.nn as nn
 import torchvision
 
 from .io import atomic_torch_save
 
-# %% ../nbs/04_models.ipynb #c005
+# %% ../nbs/04_models.ipynb #ce4276c8
 class SmallCNN(nn.Module):
     "Four 3x3 conv-BN-ReLU layers and global average pooling; fast on a CPU."
     def __init__(self, in_channels:int=1, widths=(16, 32, 64, 128), strides=(1, 2, 2, 1)):
@@ -41,7 +43,7 @@ def cifar_resnet(depth:int=18, in_channels:int=3) -> nn.Module:
     m.fc = nn.Identity()
     return m
 
-# %% ../nbs/04_models.ipynb #c014
+# %% ../nbs/04_models.ipynb #dbf1fad8
 def conv_bn(c_in:int, c_out:int) -> nn.Module:
     "A 3x3 stride-1 conv (no bias), BatchNorm and ReLU: ResNet-9's building block."
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
@@ -66,7 +68,7 @@ class ResNet9(nn.Module):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))    # (B, 512, H/8, W/8)
         return x.amax((2, 3))                                      # (B, 512)
 
-# %% ../nbs/04_models.ipynb #c017
+# %% ../nbs/04_models.ipynb #f32a66cc
 def vit_patch_size(image_size:int) -> int:
     "The ViT patch size for an image size: 4 up to 32 px, 8 below 96 px, 16 (the standard) from 96 px."
     return 4 if image_size <= 32 else 8 if image_size < 96 else 16
@@ -79,7 +81,7 @@ def timm_vit(name:str, in_channels:int=3, image_size:int=32, patch_size:int|None
     m.out_dim, m.patch_size = m.num_features, patch_size
     return m
 
-# %% ../nbs/04_models.ipynb #c020
+# %% ../nbs/04_models.ipynb #d920815e
 BACKBONES = {
     'small_cnn': lambda in_channels, image_size: SmallCNN(in_channels),
     'small_cnn_wide': lambda in_channels, image_size: SmallCNN(in_channels, widths=(32, 64, 128, 256)),
@@ -103,7 +105,7 @@ def build_backbone(name:str, in_channels:int, image_size:int, patch_size:int|Non
     if not takes_patch_size(name): raise ValueError(f'backbone {name!r} is not a ViT: it takes no patch size (got patch_size={patch_size})')
     return BACKBONES[name](in_channels, image_size, patch_size=patch_size)
 
-# %% ../nbs/04_models.ipynb #c008
+# %% ../nbs/04_models.ipynb #5c96f59d
 def lightly_module(name:str):
     "Import a lightly submodule without the 'IProgress not found' warning its pytorch_lightning import prints in kernels."
     import importlib, warnings
@@ -130,6 +132,9 @@ class Encoder(nn.Module):
         p = c.get('projector', {'kind': 'simclr', 'hidden_dim': 128, 'out_dim': 64, 'num_layers': 2})
         self.config['projector'] = p
         self.projector = build_projector(p['kind'], self.feat_dim, p.get('hidden_dim', 0), p.get('out_dim', 0), p.get('num_layers', 2))
+        norm = c.get('norm', 'batch')                             # configs without the key (all before it) are BatchNorm
+        if norm == 'group': to_group_norm(self)
+        elif norm != 'batch': raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
 
     def forward(self, x): return self.backbone(x)                 # (B, feat_dim): the representation
     def forward_both(self, x):
@@ -140,6 +145,19 @@ class Encoder(nn.Module):
         if not hasattr(self.backbone, 'patch_embed'): raise ValueError(f"masked views need a ViT backbone, got {self.config['backbone']!r}")
         h = self.backbone.forward_head(visible_tokens(self.backbone, x, keep))   # (B, feat_dim)
         return h, self.projector(h)                                               # (B, proj_dim)
+
+def to_group_norm(module:nn.Module) -> nn.Module:
+    """Replace, in place, every BatchNorm of `module`: a 2-d one over C channels by a GroupNorm of gcd(8, C) groups, a 1-d one (a
+    projection head's) by a GroupNorm of one group (a LayerNorm over the features); and switch in-place ReLUs off (per-sample
+    gradient hooks need their inputs)."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            C = child.num_features
+            groups = math.gcd(8, C) if isinstance(child, nn.BatchNorm2d) else 1
+            setattr(module, name, nn.GroupNorm(groups, C, eps=child.eps, affine=child.affine))
+        elif isinstance(child, nn.ReLU): child.inplace = False
+        else: to_group_norm(child)
+    return module
 
 def visible_tokens(vit:nn.Module, x:torch.Tensor, keep:torch.Tensor) -> torch.Tensor:
     "A timm ViT's output tokens `(B, 1 + K, D)`, class token first, for images `x` of which only patches `keep` `(B, K)` are seen."
@@ -158,7 +176,7 @@ def encoder_config(backbone='small_cnn', in_channels=1, image_size=28, projector
     elif patch_size is not None: raise ValueError(f'patch_size is for ViT backbones; {backbone!r} is not one')
     return c
 
-# %% ../nbs/04_models.ipynb #c011
+# %% ../nbs/04_models.ipynb #162cb11f
 CKPT_FORMAT = 'memssl-encoder/1'
 
 class CheckpointError(ValueError):

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['ORDER', 'COLORS', 'LABELS', 'plot_score_hist', 'plot_alignment', 'plot_tests', 'image_grid', 'plot_extremes',
            'plot_class_means', 'plot_probes', 'plot_history', 'plot_across_runs', 'plot_memorised', 'plot_reliability',
-           'pointwise_summary']
+           'pointwise_summary', 'run_source', 'limit_setting', 'limits_table', 'limits_verdicts']
 
-# %% ../nbs/10_report.ipynb #c004
+# %% ../nbs/10_report.ipynb #4905f0ba
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -18,7 +18,7 @@ COLORS = {'candidates': '#d62728', 'shared': '#7f7f7f', 'extra': '#1f77b4', 'ind
 LABELS = {'candidates': 'candidates $S_C$ (f only)', 'shared': 'shared $S_S$ (both)',
           'extra': 'extra $S_E$ (neither)', 'independent': 'independent $S_I$ (g only)'}
 
-# %% ../nbs/10_report.ipynb #c005
+# %% ../nbs/10_report.ipynb #052b6bd1
 def plot_score_hist(scores:pd.DataFrame, score:str='sslmem', ax=None, title:str|None=None, bins:int=40):
     "Distribution of a score per set, with each set's mean as a dashed line."
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
@@ -128,7 +128,7 @@ def plot_history(histories:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #c006
+# %% ../nbs/10_report.ipynb #84efa1e3
 def plot_across_runs(runs:list, score:str='sslmem_centered'):
     "Mean score per set (± standard error) for each run: does the ordering C > S ≈ E > I hold across runs?"
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(runs) + 1.6))
@@ -146,7 +146,7 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #278e0f00
+# %% ../nbs/10_report.ipynb #33757189
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
     "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
     c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
@@ -176,7 +176,7 @@ def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #3a299fbf
+# %% ../nbs/10_report.ipynb #d505e1f9
 def pointwise_summary(run, scores:dict, features:str) -> dict:
     """What a run's report shows of its per-point results (from its `scores_pairs.csv` and the per-point `scores`): `text` (a paragraph),
     `table` (the most memorised candidates with their uncertainty), `figures` and `metrics` (`memssl.pointwise.pointwise_metrics`)."""
@@ -218,3 +218,55 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     figs = [plot_memorised(s, fdr)]
     if 'reliability_curve' in pm: figs.append(plot_reliability({features: pd.DataFrame(pm['reliability_curve'])}))
     return dict(text='\n\n'.join(lines), table=table.round(5), figures=figs, metrics=pm)
+
+# %% ../nbs/10_report.ipynb #016a943b
+from .io import machine_label
+
+def run_source(r) -> str:
+    "'this build' or 'recorded (commit)', with the machine a run (or its record) names."
+    m = (r.recorded or {}).get('machine') or r.meta.get('machine')
+    return (f"recorded ({(r.recorded.get('git_commit') or '?')[:10]})" if r.recorded else 'this build') + f', {machine_label(m)}'
+
+def limit_setting(p:dict) -> tuple:
+    "A run's limit from its parameters: (family, strength, label); families dp, cap, none-group, none."
+    mp = p.get('method_params') or {}
+    if p.get('dp_epsilon'): return 'dp', float(p['dp_epsilon']), f"DP-SGD, epsilon {p['dp_epsilon']:g}"
+    if mp.get('align_weight'): return 'cap', float(mp['align_weight']), f"cap {mp.get('align_cap', 0):g}, weight {mp['align_weight']:g}"
+    return ('none-group', 0.0, 'GroupNorm, no limit') if p.get('norm') == 'group' else ('none', 0.0, 'BatchNorm, no limit')
+
+def limits_table(runs:list) -> pd.DataFrame:
+    "One row per SSLMem run (a `RunResult`): its limit and what it does to memorisation, downstream accuracy and membership risk."
+    rows = []
+    for r in runs:
+        fam, strength, label = limit_setting(r.params)
+        s, m = r.scores, r.metrics
+        c, e = s[s.split == 'candidates'].sslmem, s[s.split == 'extra'].sslmem
+        mi = ((m.get('pointwise') or {}).get(m['score_features']) or {}).get('membership') or {}
+        pr = m['probes']
+        hist = r.history('f')
+        t = r.tests[r.tests['features'] == m['score_features']] if 'features' in r.tests else r.tests
+        t = t.set_index('test')['welch_p'] if len(t) else pd.Series(dtype=float)
+        rows.append(dict(setting=label, family=fam, strength=strength,
+                         epsilon_spent=float(hist['epsilon'].iloc[-1]) if 'epsilon' in hist else np.nan,
+                         sslmem_C=c.mean(), se_C=c.std() / np.sqrt(len(c)), sslmem_E=e.mean(), highly=float((c > np.quantile(e, 0.95)).mean()),
+                         p_CE=float(t.get('C > E', np.nan)),
+                         linear=np.mean([pr[k]['linear_acc'] for k in ('f', 'g')]), linear_gap=abs(pr['f']['linear_acc'] - pr['g']['linear_acc']) / 2,
+                         knn=np.mean([pr[k]['knn_acc'] for k in ('f', 'g')]), knn_gap=abs(pr['f']['knn_acc'] - pr['g']['knn_acc']) / 2,
+                         mi_auroc=mi.get('auroc', np.nan), tpr1=mi.get('tpr_at_1pct', np.nan), tpr01=mi.get('tpr_at_01pct', np.nan),
+                         train_s=sum(v for k, v in m['timings'].items() if k.startswith('train')), run=r.name, source=run_source(r)))
+    return pd.DataFrame(rows)
+
+def limits_verdicts(T:pd.DataFrame) -> dict:
+    """For each family present with its baseline (dp: GroupNorm without DP; cap: BatchNorm without cap), the strongest setting
+    (smallest epsilon, largest weight) against the baseline: the differences, and whether SSLMem is lower by more than two
+    standard errors and the linear probe lower by more than the two runs' f-g spreads."""
+    out = {}
+    for fam, base in (('dp', 'none-group'), ('cap', 'none')):
+        b, d = T[T.family == base], T[T.family == fam]
+        if b.empty or d.empty: continue
+        b, s = b.iloc[0], d.sort_values('strength', ascending=(fam == 'dp')).iloc[0]
+        se = float(np.hypot(s.se_C, b.se_C))
+        out[fam] = dict(setting=s.setting, baseline=b.setting, d_sslmem=float(s.sslmem_C - b.sslmem_C), se=se,
+                        d_linear=float(s.linear - b.linear), d_knn=float(s.knn - b.knn), d_auroc=float(s.mi_auroc - b.mi_auroc),
+                        lower_mem=bool(s.sslmem_C < b.sslmem_C - 2 * se), lower_acc=bool(s.linear < b.linear - (s.linear_gap + b.linear_gap)))
+    return out

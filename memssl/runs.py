@@ -14,7 +14,7 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'ROLE_SETS', '
            'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
            'run_summary', 'record_sslmem_run', 'method_table']
 
-# %% ../nbs/09_runs.ipynb #c004
+# %% ../nbs/09_runs.ipynb #fb598506
 import hashlib, inspect, json, time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -36,7 +36,7 @@ from .io import dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
-# %% ../nbs/09_runs.ipynb #c006
+# %% ../nbs/09_runs.ipynb #bfe2b68c
 DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -67,6 +67,10 @@ DEFAULTS = dict(
     n_pairs=1,                   # R independent f/g pairs on the same split (each its own initialisation, data order and views): 2 or more give per-point standard errors, split-half reliability and a membership test
     coupled=False,               # common random numbers: f and g see the shared points in the same batch slots, and each candidate where its matched independent point is
     amp='none',                  # 'bf16': train with bfloat16 autocast (faster on CPUs with AMX and on recent GPUs); scoring stays float32
+    norm='batch',                # 'group': GroupNorm instead of BatchNorm in every encoder (DP-SGD needs it; also the non-private baseline of a DP run)
+    dp_epsilon=0.0,              # > 0: train f and g with DP-SGD (Opacus) to this epsilon (SimCLR; the library chapter Training says what it guarantees)
+    dp_delta=1e-5,               # delta of the DP guarantee
+    dp_clip=1.0,                 # DP-SGD's bound on each sample's gradient norm
     fdr=0.1,                     # false discovery rate of the memorised set (Benjamini-Hochberg over the candidates' p-values against the extra set)
     canaries=0,                  # canaries of each kind in f's training set (half of them in the even pairs, half in the odd ones; g trains on as many unused real points); scored in every pair
     canary_kinds=['noise', 'inverted', 'stripes', 'patch', 'blobs'],   # kinds of planted canaries (memssl.crossfit.CANARY_KINDS)
@@ -85,7 +89,7 @@ DEFAULTS = dict(
 # parameters that do not change a result (where and how it runs)
 NON_RESULT = ('data_root', 'download', 'device', 'parallel', 'run_dir')
 # parameters added after runs were recorded: at these values they are left out of a run's hash, so older runs keep their id
-LATER_DEFAULTS = dict(n_pairs=1, coupled=False, amp='none', fdr=0.1, canaries=0)
+LATER_DEFAULTS = dict(n_pairs=1, coupled=False, amp='none', fdr=0.1, canaries=0, norm='batch', dp_epsilon=0.0, dp_delta=1e-5, dp_clip=1.0)
 
 class RunError(ValueError):
     "A run that cannot start or continue: bad parameters, or a run directory of another run."
@@ -161,6 +165,16 @@ def check_training_params(p:dict) -> dict:
     if p['schedule'] not in ('cosine', 'constant'): raise RunError(f"schedule must be 'cosine' or 'constant', got {p['schedule']!r}")
     if p['parallel'] not in ('auto', True, False): raise RunError(f"parallel must be 'auto', True or False, got {p['parallel']!r}")
     if p.get('amp', 'none') not in ('none', 'bf16'): raise RunError(f"amp must be 'none' or 'bf16', got {p['amp']!r}")
+    if p.get('norm', 'batch') not in ('batch', 'group'): raise RunError(f"norm must be 'batch' or 'group', got {p['norm']!r}")
+    eps = p.get('dp_epsilon', 0.0)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0: raise RunError(f'dp_epsilon must be a number >= 0 (0: no DP), got {eps!r}')
+    if eps:
+        from memssl.train import DP_ROWS
+        if p['method'] not in DP_ROWS: raise RunError(f"dp_epsilon: DP-SGD is implemented for {sorted(DP_ROWS)}, not {p['method']!r} (library chapter Training)")
+        if p.get('norm', 'batch') != 'group': raise RunError("dp_epsilon: DP-SGD needs encoders without BatchNorm; set norm: group (and compare with a norm: group run without DP)")
+        if p.get('amp', 'none') != 'none': raise RunError('dp_epsilon: DP-SGD trains in float32; set amp: none')
+        if not 0 < p.get('dp_delta', 1e-5) < 1: raise RunError(f"dp_delta must be in (0, 1), got {p['dp_delta']!r}")
+        if not p.get('dp_clip', 1.0) > 0: raise RunError(f"dp_clip must be > 0, got {p['dp_clip']!r}")
     if not p['run_dir']: raise RunError('run_dir must be set')
     try: pick_device(p['device'])
     except RuntimeError as e: raise RunError(str(e)) from None
@@ -186,7 +200,7 @@ def params_id(p:dict) -> str:
     "A short hash of the parameters that decide a run's results."
     return hashlib.sha256(json.dumps(result_params(p), sort_keys=True).encode()).hexdigest()[:12]
 
-# %% ../nbs/09_runs.ipynb #c007c
+# %% ../nbs/09_runs.ipynb #e58a49ae
 PRESETS = {
     'cpu': {                     # Fashion-MNIST-sized data on a small CPU: every method learns in minutes (measured in the book)
         'simclr': {},
@@ -246,7 +260,7 @@ def check_method_params(p:dict):
     if bad: raise RunError(f"method_params {bad} are not hyper-parameters of {p['method']!r}; it takes {[k for k in known if p['method'] != 'simclr' or k != 'temperature']}"
                            + (" (SimCLR's temperature is the parameter `temperature`)" if p['method'] == 'simclr' else ''))
 
-# %% ../nbs/09_runs.ipynb #c009
+# %% ../nbs/09_runs.ipynb #05f28150
 class Run:
     "A run directory and its validated parameters."
     def __init__(self, params:dict):
@@ -300,7 +314,7 @@ def complete_run(run:Run):
     set_status(run.dir, 'complete', timings=run.timings)
     release_dir(run.dir)
 
-# %% ../nbs/09_runs.ipynb #c011
+# %% ../nbs/09_runs.ipynb #8136d2b0
 def load_run_data(run:Run):
     "The train split and, where the dataset has one, the test split; records the fingerprint."
     p = run.params
@@ -380,13 +394,15 @@ def run_encoder_config(run:Run, train:ImageData) -> dict:
     "The encoder of the run's backbone, with the projector its method trains (none for MAE)."
     C, H, W = train.images.shape[1:]
     return encoder_config(run.params['backbone'], C, H, projector=METHODS[run.params['method']].projector,
-                          proj_hidden=run.params['proj_hidden'], proj_out=run.params['proj_out'])
+                          proj_hidden=run.params['proj_hidden'], proj_out=run.params['proj_out'],
+                          **({'norm': 'group'} if run.params.get('norm', 'batch') == 'group' else {}))   # BatchNorm configs as before
 
 def run_train_config(p:dict, epochs:int|None=None, seed:int|None=None) -> TrainConfig:
     "The optimisation settings of a run's parameters (`epochs` and `seed` may be overridden, e.g. for retraining)."
     return TrainConfig(epochs=epochs or p['epochs'], batch_size=p['batch_size'], optimizer=p['optimizer'], lr=p['lr'],
                        weight_decay=p['weight_decay'], warmup_epochs=p['warmup_epochs'], schedule=p['schedule'],
-                       seed=p['seed'] if seed is None else seed, knn_every=p.get('knn_every', 0), amp=p.get('amp', 'none'))
+                       seed=p['seed'] if seed is None else seed, knn_every=p.get('knn_every', 0), amp=p.get('amp', 'none'),
+                       dp_epsilon=p.get('dp_epsilon', 0.0), dp_delta=p.get('dp_delta', 1e-5), dp_clip=p.get('dp_clip', 1.0))
 
 def method_hparams(p:dict) -> dict:
     "The method hyper-parameters a run's parameters set: SimCLR's `temperature`, then `method_params` (the rest keep the method's defaults)."
@@ -589,7 +605,7 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     complete_run(run)
     return m
 
-# %% ../nbs/09_runs.ipynb #c013
+# %% ../nbs/09_runs.ipynb #c58fc775
 def is_complete(run_dir) -> bool:
     "A run is complete iff its `metrics.json` exists."
     return (Path(run_dir) / 'metrics.json').is_file()
@@ -637,12 +653,12 @@ def run_summary(runs:list) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/09_runs.ipynb #dfd4d88a
+# %% ../nbs/09_runs.ipynb #22720c10
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS, RunResult, 'runs',
                              'SSLMem of f/g pairs trained here: set tests, per-point scores, probes'))
 
-# %% ../nbs/09_runs.ipynb #c017
+# %% ../nbs/09_runs.ipynb #b31cce92
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
 def record_sslmem_run(run_dir, dest, command:str) -> Path:

@@ -65,12 +65,19 @@ def book(tmp_path_factory):
     lp = validate_layers_params(dict(source_run=str(root / 'runs' / 'tiny'), n_views=4, unit_views=3, device='cpu',
                                      run_dir=str(root / 'runs' / 'layers' / 'tiny')))
     assert execute_run(root / 'experiments' / 'layers.ipynb', lp, echo=False) == 'complete'
+    from memssl.compare import validate_dejavu_params, validate_labelmem_params
+    dp = validate_dejavu_params(dict(source_run=str(root / 'runs' / 'tiny'), k=5, device='cpu', run_dir=str(root / 'runs' / 'dejavu' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'dejavu.ipynb', dp, echo=False) == 'complete'
+    lm = validate_labelmem_params(dict(source_run=str(root / 'runs' / 'tiny'), n_models=4, epochs=1, batch_size=32, device='cpu',
+                                       run_dir=str(root / 'runs' / 'labelmem' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'labelmem.ipynb', lm, echo=False) == 'complete'
     html = build_book(root, strict=True)          # raises on any Sphinx warning or notebook error
     return root, html
 
 
 PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibration.html', 'runs/tiny/report.html', 'book/generalisation.html',
          'book/layers.html', 'runs/layers/tiny/report.html', 'book/pointwise.html', 'book/library/19_layers.html',
+         'book/limits.html', 'runs/dejavu/tiny/report.html', 'runs/labelmem/tiny/report.html', 'book/library/20_compare.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
 
@@ -87,7 +94,8 @@ def test_page_exists_without_errors_or_nbdev_noise(book, page):
 @pytest.mark.parametrize('page, min_figures', [('book/results.html', 5), ('runs/tiny/report.html', 6), ('intro.html', 2),
                                                ('book/generalisation.html', 6), ('runs/removal/tiny/report.html', 8),
                                                ('book/library/03_augment.html', 1), ('book/methods.html', 2),
-                                               ('book/layers.html', 2), ('runs/layers/tiny/report.html', 2)])
+                                               ('book/layers.html', 2), ('runs/layers/tiny/report.html', 2),
+                                               ('runs/dejavu/tiny/report.html', 3), ('runs/labelmem/tiny/report.html', 2)])
 def test_figures_are_real_images(book, page, min_figures):
     root, html = book
     text = (html / page).read_text()
@@ -150,6 +158,8 @@ def test_claims_page_reads_the_runs(book):
         assert claim in text, claim
     assert 'not available: needs &gt;= 2 retraining seeds' not in text    # two retraining seeds: the test ran
     assert 'p ' in text and 'detectable' in text
+    assert '5. Limiting alignment' in text and '6. SSLMem differs from DejaVu' in text
+    assert 'no dejavu or labelmem run yet' not in text                   # the tiny dejavu and labelmem runs fill row 6
 
 
 def test_methods_page_shows_every_recorded_method(book):
