@@ -6,7 +6,7 @@
 __all__ = ['default_notebook', 'experiments', 'run_id', 'load_grid', 'execute_run', 'running_elsewhere', 'tidy_stream',
            'failure_reason', 'run_grid', 'grid_summary', 'make_executor', 'submitted_run', 'main']
 
-# %% ../nbs/11_grid.ipynb #c004
+# %% ../nbs/11_grid.ipynb #ed0b0a41
 import argparse, itertools, json, re, shutil, sys, time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ def experiments() -> dict:
     from memssl.removal import validate_removal_params, REMOVAL_DEFAULTS
     return {'sslmem': ('sslmem.ipynb', validate_params, DEFAULTS), 'removal': ('removal.ipynb', validate_removal_params, REMOVAL_DEFAULTS)}
 
-# %% ../nbs/11_grid.ipynb #c005
+# %% ../nbs/11_grid.ipynb #ef3471f0
 def _slug(v) -> str:
     s = str(v)
     if s.startswith(('npz:', 'folder:')): s = s.split(':', 1)[0] + '-' + Path(s.split(':', 1)[1]).stem
@@ -80,7 +80,7 @@ def load_grid(path, overrides:dict|None=None) -> dict:
     if not nb.is_file(): raise FileNotFoundError(f'grid {path} names notebook {nb}, which does not exist')
     return dict(notebook=nb, runs_root=root, runs=runs, experiment=kind, description=spec.get('description', ''))
 
-# %% ../nbs/11_grid.ipynb #c009
+# %% ../nbs/11_grid.ipynb #c4eff21b
 class _Tee:
     "A file-like that writes to several streams (the run's log and the console)."
     def __init__(self, *streams): self.streams = streams
