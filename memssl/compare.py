@@ -11,7 +11,7 @@ __all__ = ['CORNERS', 'DEJAVU_DEFAULTS', 'LABELMEM_DEFAULTS', 'CompareError', 'c
            'start_labelmem_run', 'labelmem_inputs', 'run_classifiers', 'labelmem_scores', 'labelmem_summary',
            'finish_labelmem_run', 'LabelmemResult', 'plot_dejavu', 'plot_against_sslmem', 'disagreement_grid']
 
-# %% ../nbs/20_compare.ipynb #ddb2e250
+# %% ../nbs/20_compare.ipynb #6a9e1fe4
 import time
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .probe import extract_features
 class CompareError(ValueError):
     "Inputs a comparison measure cannot use (a crop outside the image, too few neighbours, classifiers without held-out points)."
 
-# %% ../nbs/20_compare.ipynb #48cb094f
+# %% ../nbs/20_compare.ipynb #016c545a
 CORNERS = ('tl', 'tr', 'bl', 'br')
 
 def corner_crop(images:torch.Tensor,    # uint8 (N, C, H, W)
@@ -44,7 +44,7 @@ def corner_crop(images:torch.Tensor,    # uint8 (N, C, H, W)
     crop = images[:, :, y0:y0 + h, x0:x0 + w].float()
     return F.interpolate(crop, size=(H, W), mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
 
-# %% ../nbs/20_compare.ipynb #cbadf568
+# %% ../nbs/20_compare.ipynb #c6b47f4e
 @torch.no_grad()
 def knn_votes(bank:torch.Tensor, bank_labels,            # (N, D) public embeddings and their labels
               query:torch.Tensor,                        # (M, D) embeddings to label
@@ -67,7 +67,7 @@ def vote_confidence(votes) -> np.ndarray:
     v = np.asarray(votes, dtype=np.float64)
     return (v * np.log(np.where(v > 0, v, 1.0))).sum(1)
 
-# %% ../nbs/20_compare.ipynb #950b826f
+# %% ../nbs/20_compare.ipynb #3c606f8c
 @torch.no_grad()
 def dejavu_scores(f:nn.Module, g:nn.Module,
                   images:torch.Tensor, labels, indices,           # uint8 (N, C, H, W) points to test, their labels and dataset indices
@@ -95,7 +95,7 @@ def dejavu_scores(f:nn.Module, g:nn.Module,
     df['dejavu'] = df.p_f - df.p_g
     return df
 
-# %% ../nbs/20_compare.ipynb #97bf343b
+# %% ../nbs/20_compare.ipynb #d7e53a8f
 def dejavu_table(df:pd.DataFrame) -> pd.DataFrame:
     "Shares of the points by whether f (rows) and g (columns) infer their label."
     t = pd.crosstab(df.correct_f.map({True: 'f right', False: 'f wrong'}), df.correct_g.map({True: 'g right', False: 'g wrong'}), normalize='all')
@@ -113,7 +113,7 @@ def dejavu_set(df:pd.DataFrame, q:float=0.05) -> np.ndarray:
     d = df[df.correct_f & ~df.correct_g].sort_values('conf_f', ascending=False, kind='stable')
     return d.idx.to_numpy()[:max(1, int(round(q * len(df))))]
 
-# %% ../nbs/20_compare.ipynb #00c14430
+# %% ../nbs/20_compare.ipynb #5e0eb4a3
 def subset_masks(n:int, n_models:int, frac:float=0.7, seed:int=0) -> np.ndarray:
     "`(n_models, n)` booleans: each row a random subset of `round(frac * n)` of the n points."
     if not 0 < frac < 1: raise CompareError(f'subset fraction must be in (0, 1), got {frac!r}')
@@ -133,7 +133,7 @@ def fz_estimate(correct, in_mask) -> pd.DataFrame:
         p_out = np.where(n_out > 0, (c * ~m).sum(0) / n_out, np.nan)
     return pd.DataFrame(dict(mem=p_in - p_out, p_in=p_in, p_out=p_out, n_in=n_in, n_out=n_out))
 
-# %% ../nbs/20_compare.ipynb #27b08310
+# %% ../nbs/20_compare.ipynb #1a38e0ad
 def fz_split_half(correct, in_mask, n_splits:int=20, seed:int=0) -> float:
     "Mean over random halvings of the classifiers of the Pearson correlation between the two halves' estimates (points defined in both)."
     c, m = np.asarray(correct), np.asarray(in_mask, dtype=bool)
@@ -153,7 +153,7 @@ def fz_reliability_curve(correct, in_mask, sizes=None, n_splits:int=20, seed:int
     sizes = sizes or sorted({*[2 ** i for i in range(2, 20) if 2 ** i < M], M - M % 2})
     return pd.DataFrame([dict(models=m, r_half=fz_split_half(np.asarray(correct)[:m], np.asarray(in_mask)[:m], n_splits, seed)) for m in sizes])
 
-# %% ../nbs/20_compare.ipynb #ecd15ee8
+# %% ../nbs/20_compare.ipynb #5783f95a
 from .models import build_backbone
 
 class Classifier(nn.Module):
@@ -194,7 +194,7 @@ def classifier_correct(model:nn.Module, images:torch.Tensor, labels, view_config
     pred = torch.cat([model(to_input(images[i:i + batch_size], view_config).to(device)).argmax(1).cpu() for i in range(0, len(y), batch_size)])
     return pred.numpy() == y
 
-# %% ../nbs/20_compare.ipynb #8bccc909
+# %% ../nbs/20_compare.ipynb #eb5c6c72
 from .io import read_json, atomic_write_bytes, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
 from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, run_view_config
 from .data import load_dataset
@@ -328,7 +328,9 @@ class CompareResult:
         self.params, self.meta = meta['params'], meta
         self.metrics = read_json(self.dir / 'metrics.json', 'metrics file')
         self.points = pd.read_csv(self.dir / self.table)
-        self.summary = pd.DataFrame(self.metrics['summary']) if isinstance(self.metrics['summary'], list) else self.metrics['summary']
+        s = self.metrics['summary']                                    # JSON holds undefined values (NaN) as null: NaN again here
+        self.summary = (pd.DataFrame(s).replace({None: np.nan}).infer_objects() if isinstance(s, list)
+                        else {k: (np.nan if v is None else v) for k, v in s.items()})
         rec = self.dir / 'RECORDED.json'
         self.recorded = read_json(rec, 'record file') if rec.is_file() else None
         self.name = self.dir.name
@@ -346,7 +348,7 @@ def record_compare_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('dejavu', 'dejavu.ipynb', validate_dejavu_params, DEJAVU_DEFAULTS, DejavuResult, 'runs/dejavu',
                              "DejaVu of an SSLMem run's pairs: labels inferred from corner crops by public neighbours (nothing trained)"))
 
-# %% ../nbs/20_compare.ipynb #e45ae92d
+# %% ../nbs/20_compare.ipynb #f55bfb17
 from .splits import ROLES
 
 LABELMEM_DEFAULTS = dict(
@@ -462,7 +464,7 @@ class LabelmemResult(CompareResult):
 register_kind(ExperimentKind('labelmem', 'labelmem.ipynb', validate_labelmem_params, LABELMEM_DEFAULTS, LabelmemResult, 'runs/labelmem',
                              "Feldman-Zhang label memorisation of an SSLMem run's points, from supervised classifiers on random subsets"))
 
-# %% ../nbs/20_compare.ipynb #2edfb5c1
+# %% ../nbs/20_compare.ipynb #de4e2e99
 def plot_dejavu(summary:pd.DataFrame, title:str=''):
     "f's and g's label inference from corner crops, per set: overall and among the most confident 20% and 5%."
     import matplotlib.pyplot as plt
