@@ -14,7 +14,7 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'ROLE_SETS', '
            'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
            'run_summary', 'record_sslmem_run', 'method_table']
 
-# %% ../nbs/09_runs.ipynb #fb598506
+# %% ../nbs/09_runs.ipynb #b2fc5df5
 import hashlib, inspect, json, time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -36,7 +36,7 @@ from .io import dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
-# %% ../nbs/09_runs.ipynb #bfe2b68c
+# %% ../nbs/09_runs.ipynb #3b93c92b
 DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -71,6 +71,7 @@ DEFAULTS = dict(
     dp_epsilon=0.0,              # > 0: train f and g with DP-SGD (Opacus) to this epsilon (SimCLR; the library chapter Training says what it guarantees)
     dp_delta=1e-5,               # delta of the DP guarantee
     dp_clip=1.0,                 # DP-SGD's bound on each sample's gradient norm
+    probe_datasets=[],           # further downstream tasks: f, g and the random encoder are also probed on these datasets (their train and test splits, same sizes)
     fdr=0.1,                     # false discovery rate of the memorised set (Benjamini-Hochberg over the candidates' p-values against the extra set)
     canaries=0,                  # canaries of each kind in f's training set (half of them in the even pairs, half in the odd ones; g trains on as many unused real points); scored in every pair
     canary_kinds=['noise', 'inverted', 'stripes', 'patch', 'blobs'],   # kinds of planted canaries (memssl.crossfit.CANARY_KINDS)
@@ -89,7 +90,7 @@ DEFAULTS = dict(
 # parameters that do not change a result (where and how it runs)
 NON_RESULT = ('data_root', 'download', 'device', 'parallel', 'run_dir')
 # parameters added after runs were recorded: at these values they are left out of a run's hash, so older runs keep their id
-LATER_DEFAULTS = dict(n_pairs=1, coupled=False, amp='none', fdr=0.1, canaries=0, norm='batch', dp_epsilon=0.0, dp_delta=1e-5, dp_clip=1.0)
+LATER_DEFAULTS = dict(n_pairs=1, coupled=False, amp='none', fdr=0.1, canaries=0, norm='batch', dp_epsilon=0.0, dp_delta=1e-5, dp_clip=1.0, probe_datasets=[])
 
 class RunError(ValueError):
     "A run that cannot start or continue: bad parameters, or a run directory of another run."
@@ -134,6 +135,8 @@ def validate_params(params:dict) -> dict:
     if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(DEFAULTS)}')
     p = resolve_paths(apply_preset({**DEFAULTS, **params}, DEFAULTS))
     check_dataset_name(p['dataset'])
+    if not isinstance(p['probe_datasets'], (list, tuple)): raise RunError(f"probe_datasets must be a list of dataset names, got {p['probe_datasets']!r}")
+    for d in p['probe_datasets']: check_dataset_name(d)
     if p['split_file'] and not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
     for k in ('n_shared', 'n_candidates', 'n_independent', 'epochs', 'batch_size', 'n_views', 'max_score_per_set',
               'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'):
@@ -200,7 +203,7 @@ def params_id(p:dict) -> str:
     "A short hash of the parameters that decide a run's results."
     return hashlib.sha256(json.dumps(result_params(p), sort_keys=True).encode()).hexdigest()[:12]
 
-# %% ../nbs/09_runs.ipynb #e58a49ae
+# %% ../nbs/09_runs.ipynb #4fe7f388
 PRESETS = {
     'cpu': {                     # Fashion-MNIST-sized data on a small CPU: every method learns in minutes (measured in the book)
         'simclr': {},
@@ -260,7 +263,7 @@ def check_method_params(p:dict):
     if bad: raise RunError(f"method_params {bad} are not hyper-parameters of {p['method']!r}; it takes {[k for k in known if p['method'] != 'simclr' or k != 'temperature']}"
                            + (" (SimCLR's temperature is the parameter `temperature`)" if p['method'] == 'simclr' else ''))
 
-# %% ../nbs/09_runs.ipynb #05f28150
+# %% ../nbs/09_runs.ipynb #e765c7d4
 class Run:
     "A run directory and its validated parameters."
     def __init__(self, params:dict):
@@ -314,7 +317,7 @@ def complete_run(run:Run):
     set_status(run.dir, 'complete', timings=run.timings)
     release_dir(run.dir)
 
-# %% ../nbs/09_runs.ipynb #8136d2b0
+# %% ../nbs/09_runs.ipynb #05d90751
 def load_run_data(run:Run):
     "The train split and, where the dataset has one, the test split; records the fingerprint."
     p = run.params
@@ -570,7 +573,8 @@ def tests_all_variants(scores:dict) -> pd.DataFrame:
     return pd.concat([available_tests(df).assign(features=v) for v, df in scores.items()], ignore_index=True)
 
 def probe_run(run:Run, f:Encoder, g:Encoder, train:ImageData, test:ImageData|None, vc:ViewConfig) -> dict:
-    "Linear-probe and kNN accuracy of f, g and a randomly initialised encoder of the same shape."
+    """Linear-probe and kNN accuracy of f, g and a randomly initialised encoder of the same shape on the run's dataset, and under
+    `tasks` the same on each of `probe_datasets` (images normalised as the encoders were trained: the run's view configuration)."""
     if test is None: return {}
     p = run.params
     rng = np.random.default_rng(p['seed'] + 1)
@@ -580,11 +584,21 @@ def probe_run(run:Run, f:Encoder, g:Encoder, train:ImageData, test:ImageData|Non
     te = np.sort(rng.choice(len(test), min(p['n_probe_test'], len(test)), replace=False))
     torch.manual_seed(p['seed'] + 12345)
     rnd = Encoder(f.config).to(run.device)
+    encoders = (('f', f), ('g', g), ('random', rnd))
+    def probe(enc, a, b, i, j):
+        return probe_encoder(enc, a.images[i], a.labels[i], b.images[j], b.labels[j], vc, k=p['knn_k'], epochs=p['probe_epochs'],
+                             device=run.device, seed=p['seed'])
     out = {}
     with run.timed('probe'):
-        for name, enc in (('f', f), ('g', g), ('random', rnd)):
-            out[name] = probe_encoder(enc, train.images[tr], train.labels[tr], test.images[te], test.labels[te], vc,
-                                      k=p['knn_k'], epochs=p['probe_epochs'], device=run.device, seed=p['seed'])
+        for name, enc in encoders: out[name] = probe(enc, train, test, tr, te)
+        for d in p.get('probe_datasets') or []:
+            if d == p['dataset']: continue
+            a, b = load_dataset(d, p['data_root'], 'train', download=p['download']), load_dataset(d, p['data_root'], 'test', download=p['download'])
+            if a.images.shape[1:] != train.images.shape[1:]:
+                raise RunError(f'probe dataset {d!r} has images of shape {tuple(a.images.shape[1:])}; the encoders take {tuple(train.images.shape[1:])}')
+            i = np.sort(rng.choice(len(a), min(p['n_probe_train'], len(a)), replace=False))
+            j = np.sort(rng.choice(len(b), min(p['n_probe_test'], len(b)), replace=False))
+            out.setdefault('tasks', {})[dataset_label(d)] = {name: probe(enc, a, b, i, j) for name, enc in encoders}
     return out
 
 def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=None) -> dict:
@@ -605,7 +619,7 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     complete_run(run)
     return m
 
-# %% ../nbs/09_runs.ipynb #c58fc775
+# %% ../nbs/09_runs.ipynb #c3ff7c2c
 def is_complete(run_dir) -> bool:
     "A run is complete iff its `metrics.json` exists."
     return (Path(run_dir) / 'metrics.json').is_file()
@@ -653,12 +667,12 @@ def run_summary(runs:list) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/09_runs.ipynb #22720c10
+# %% ../nbs/09_runs.ipynb #d1a1613a
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS, RunResult, 'runs',
                              'SSLMem of f/g pairs trained here: set tests, per-point scores, probes'))
 
-# %% ../nbs/09_runs.ipynb #b31cce92
+# %% ../nbs/09_runs.ipynb #ec4ec29b
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
 def record_sslmem_run(run_dir, dest, command:str) -> Path:
