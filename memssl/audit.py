@@ -11,7 +11,7 @@ __all__ = ['FORMATS', 'RESNET_CHILDREN', 'HEAD_ACTIVATIONS', 'AUDIT_DEFAULTS', '
            'validate_unitmem_params', 'UnitmemAudit', 'start_unitmem_run', 'unitmem_points', 'run_unitmem_audit',
            'finish_unitmem_run', 'UnitmemResult', 'main']
 
-# %% ../nbs/15_audit.ipynb #cbcbf217
+# %% ../nbs/15_audit.ipynb #29a15810
 import dataclasses, hashlib, importlib, json, time
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .methods import mae_views
 from .memorization import sslmem_scores, center_scores
 from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete
 
-# %% ../nbs/15_audit.ipynb #9e852fee
+# %% ../nbs/15_audit.ipynb #4b0f3f03
 def read_state_dict(path) -> dict:
     "The tensors of a checkpoint file, read without executing code: a bare state dict, or the `state_dict` / `model` entry of a training checkpoint."
     ck = load_tensors(path, 'encoder file')
@@ -44,7 +44,7 @@ def with_prefix(sd:dict, prefix:str) -> dict:
     "The entries of `sd` under `prefix`, with the prefix removed."
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
-# %% ../nbs/15_audit.ipynb #06c59a2c
+# %% ../nbs/15_audit.ipynb #7c87f554
 FORMATS = ('memssl', 'torchvision', 'timm', 'lightly', 'solo-learn', 'state_dict', 'factory')
 RESNET_CHILDREN = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool')   # torchvision ResNet.children()[:-1]
 HEAD_ACTIVATIONS = {'relu': nn.ReLU, 'gelu': nn.GELU}
@@ -199,7 +199,7 @@ def load_external(path, fmt:str, arch:str|None=None, factory:str|None=None,
     h = read_head(sd, fmt, path, head_activation) if head else None
     return m if h is None else WithHead(m, h).eval()
 
-# %% ../nbs/15_audit.ipynb #060e645d
+# %% ../nbs/15_audit.ipynb #b543d482
 AUDIT_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data f and g were trained on: registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -324,7 +324,7 @@ def validate_audit_params(params:dict) -> dict:
     except RuntimeError as e: raise RunError(str(e)) from None
     return p
 
-# %% ../nbs/15_audit.ipynb #9edfcb8e
+# %% ../nbs/15_audit.ipynb #801240d9
 from .runs import Run, check_same_run, claim_run, complete_run, params_id, score_points, tests_all_variants, check_pair
 from .memorization import FEATURES
 
@@ -451,14 +451,14 @@ def finish_audit(run:Audit, tests:pd.DataFrame) -> dict:
     complete_run(run)
     return m
 
-# %% ../nbs/15_audit.ipynb #ff53a3e6
+# %% ../nbs/15_audit.ipynb #80920dd1
 from .io import ExperimentKind, register_kind
 from .runs import RunResult
 register_kind(ExperimentKind('audit', 'audit.ipynb', validate_audit_params, AUDIT_DEFAULTS, RunResult, 'runs/audit',
                              'SSLMem of encoders trained elsewhere (memssl-score)'))
 
-# %% ../nbs/15_audit.ipynb #303e74cb
-from .layers import layer_names, unit_activations, unitmem, unit_summary, LayerError
+# %% ../nbs/15_audit.ipynb #c3313191
+from .layers import layer_names, unit_layer_names, unit_activations, unitmem, unit_summary, LayerError
 
 UNITMEM_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data the encoder was trained on: registry name, 'npz:PATH' or 'folder:PATH'
@@ -473,7 +473,7 @@ UNITMEM_DEFAULTS = dict(
     mean=None,                   # per-channel normalisation mean used in training (None: the data's); 3 values on grey data: RGB views
     std=None,                    # per-channel normalisation std used in training (None: the data's); 3 values on grey data: RGB views
     split_file=None,             # a split manifest (its candidates against its extra set); None: the train split against the test split
-    layers=None,                 # block names (None: every block memssl knows for the model, see memssl.layers.layer_names)
+    layers=None,                 # layer names (None: memssl.layers.unit_layer_names, every block memssl knows for the model; a ViT's MLP units)
     unit_views=10,               # views per point (the paper's 10)
     max_points=500,              # points of each side (trained on, never seen)
     batch_size=128,              # points per batch (x views)
@@ -545,7 +545,7 @@ def unitmem_points(run:UnitmemAudit) -> dict:
 def run_unitmem_audit(run:UnitmemAudit, model:nn.Module, vc:ViewConfig, pts:dict) -> tuple:
     "UnitMem of every unit of every layer on the members (role `candidates`) and on the null (role `extra`); writes `unitmem.csv`. Returns it and the skipped layers with the reason."
     p = run.params
-    names = p['layers'] or layer_names(model)
+    names = p['layers'] or unit_layer_names(model)
     out, skipped = [], {}
     with run.timed('unitmem'):
         for role, (ims, ix) in (('candidates', pts['members']), ('extra', pts['null'])):
@@ -585,7 +585,7 @@ class UnitmemResult:
 register_kind(ExperimentKind('unitmem', 'unitmem.ipynb', validate_unitmem_params, UNITMEM_DEFAULTS, UnitmemResult, 'runs/unitmem',
                              'UnitMem of one encoder trained elsewhere (memssl-score --unitmem)'))
 
-# %% ../nbs/15_audit.ipynb #ff7f24b4
+# %% ../nbs/15_audit.ipynb #3e28a78f
 def main(argv=None):
     "Command line: memssl-score --f F --g G --split SPLIT [--dataset D] [--format F] [--arch A] [--views V] [--set k=v ...] [--dry-run]."
     import argparse, sys, yaml

@@ -220,3 +220,24 @@ def test_unitmem_of_an_external_checkpoint_through_the_command(grey_data):
     both = score(*args, '--g', d / 'one.pt', '--run-dir', d / 'um-bad')
     assert both.returncode == 2 and 'one encoder' in both.stderr, both.stdout + both.stderr
     assert not (d / 'um-bad').exists() and not (d / 'um-dry').exists()
+
+
+def test_unitmem_of_a_timm_vit_reads_its_mlp_units(grey_data):
+    """A timm ViT-Tiny, built for 16 px images, trained a step and saved here, audited with memssl-score --unitmem: a ViT's blocks
+    write a signed residual stream, so UnitMem reads the hidden units of each block's MLP (the positive part of their GELU)."""
+    import timm
+    from memssl.audit import UnitmemResult
+    d, data, split = grey_data
+    torch.manual_seed(0)
+    net = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=16, patch_size=4, num_classes=0)
+    loss = net(torch.rand(8, 3, 16, 16)).pow(2).mean()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1); opt.zero_grad(); loss.backward(); opt.step()
+    torch.save(net.state_dict(), d / 'vit.pt')
+    out = score('--unitmem', '--f', d / 'vit.pt', '--dataset', data, '--format', 'timm', '--arch', 'vit_tiny_patch16_224', *IMAGENET,
+                '--split', split, '--run-dir', d / 'um-vit', '--set', 'device=cpu', '--set', 'unit_views=2')
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = UnitmemResult(d / 'um-vit')
+    assert r.metrics['skipped'] == {}
+    assert len(r.units) == 12 and all(l.endswith(f'blocks.{i}.mlp.act') for i, l in enumerate(r.units['layer']))
+    assert r.units['units'].tolist() == [4 * 192] * 12                  # ViT-Tiny's MLP: 4 x 192 hidden units per block
+    assert r.unitmem['unitmem'].between(0, 1).all() and (r.unitmem['mu_max'] >= 0).all()
