@@ -11,7 +11,7 @@ __all__ = ['FORMATS', 'RESNET_CHILDREN', 'HEAD_ACTIVATIONS', 'AUDIT_DEFAULTS', '
            'validate_unitmem_params', 'UnitmemAudit', 'start_unitmem_run', 'unitmem_points', 'run_unitmem_audit',
            'finish_unitmem_run', 'UnitmemResult', 'main']
 
-# %% ../nbs/15_audit.ipynb #29a15810
+# %% ../nbs/15_audit.ipynb #17d922c9
 import dataclasses, hashlib, importlib, json, time
 from pathlib import Path
 
@@ -28,9 +28,9 @@ from .augment import simclr_views, ViewConfig
 from .models import Encoder, load_encoder, build_backbone, BACKBONES, CheckpointError, load_tensors
 from .methods import mae_views
 from .memorization import sslmem_scores, center_scores
-from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete
+from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete, known_params, check_ints, check_destination
 
-# %% ../nbs/15_audit.ipynb #4b0f3f03
+# %% ../nbs/15_audit.ipynb #23b40f94
 def read_state_dict(path) -> dict:
     "The tensors of a checkpoint file, read without executing code: a bare state dict, or the `state_dict` / `model` entry of a training checkpoint."
     ck = load_tensors(path, 'encoder file')
@@ -44,7 +44,7 @@ def with_prefix(sd:dict, prefix:str) -> dict:
     "The entries of `sd` under `prefix`, with the prefix removed."
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
-# %% ../nbs/15_audit.ipynb #7c87f554
+# %% ../nbs/15_audit.ipynb #5ae59be9
 FORMATS = ('memssl', 'torchvision', 'timm', 'lightly', 'solo-learn', 'state_dict', 'factory')
 RESNET_CHILDREN = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool')   # torchvision ResNet.children()[:-1]
 HEAD_ACTIVATIONS = {'relu': nn.ReLU, 'gelu': nn.GELU}
@@ -199,7 +199,7 @@ def load_external(path, fmt:str, arch:str|None=None, factory:str|None=None,
     h = read_head(sd, fmt, path, head_activation) if head else None
     return m if h is None else WithHead(m, h).eval()
 
-# %% ../nbs/15_audit.ipynb #b543d482
+# %% ../nbs/15_audit.ipynb #e7ba600f
 AUDIT_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data f and g were trained on: registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -296,9 +296,7 @@ def check_model_params(p:dict):
 def validate_audit_params(params:dict) -> dict:
     """Complete an audit's parameters with the defaults, make paths absolute and check every value before anything runs;
     `mean` and `std` are checked against the dataset's channels as `dataset_channels` tells them (1 or 3 values on grey data)."""
-    unknown = sorted(set(params) - set(AUDIT_DEFAULTS))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(AUDIT_DEFAULTS)}')
-    p = resolve_paths({**AUDIT_DEFAULTS, **params})
+    p = known_params(params, AUDIT_DEFAULTS)
     for k in ('f_path', 'g_path'):
         if p[k] in (None, '', []): raise RunError(f'{k} is required: the checkpoint of ' + ('f (shared + candidates)' if k == 'f_path' else 'g (shared + independent)'))
         paths = [str(Path(x).expanduser().resolve()) for x in (p[k] if isinstance(p[k], (list, tuple)) else [p[k]])]
@@ -316,15 +314,12 @@ def validate_audit_params(params:dict) -> dict:
     check_model_params(p)
     if p['head'] not in ('auto', 'none'): raise RunError(f"head must be 'auto' or 'none', got {p['head']!r}")
     if p['head_activation'] not in HEAD_ACTIVATIONS: raise RunError(f"head_activation must be one of {sorted(HEAD_ACTIVATIONS)}, got {p['head_activation']!r}")
-    for k in ('n_views', 'max_score_per_set', 'batch_size'):
-        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
+    check_ints(p, ('n_views', 'max_score_per_set', 'batch_size'))
     if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
+    check_destination(p)
     return p
 
-# %% ../nbs/15_audit.ipynb #801240d9
+# %% ../nbs/15_audit.ipynb #c852be25
 from .runs import Run, check_same_run, claim_run, complete_run, params_id, score_points, tests_all_variants, check_pair
 from .memorization import FEATURES
 
@@ -451,14 +446,14 @@ def finish_audit(run:Audit, tests:pd.DataFrame) -> dict:
     complete_run(run)
     return m
 
-# %% ../nbs/15_audit.ipynb #80920dd1
+# %% ../nbs/15_audit.ipynb #9e6453ea
 from .io import ExperimentKind, register_kind
 from .runs import RunResult
 register_kind(ExperimentKind('audit', 'audit.ipynb', validate_audit_params, AUDIT_DEFAULTS, RunResult, 'runs/audit',
                              'SSLMem of encoders trained elsewhere (memssl-score)'))
 
-# %% ../nbs/15_audit.ipynb #c3313191
-from .layers import layer_names, unit_layer_names, unit_activations, unitmem, unit_summary, LayerError
+# %% ../nbs/15_audit.ipynb #ee90bbe0
+from .layers import layer_names, unit_layer_names, check_layers_param, unit_activations, unitmem, unit_summary, LayerError
 
 UNITMEM_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data the encoder was trained on: registry name, 'npz:PATH' or 'folder:PATH'
@@ -484,9 +479,7 @@ UNITMEM_DEFAULTS = dict(
 
 def validate_unitmem_params(params:dict) -> dict:
     "Complete a unitmem run's parameters with the defaults, make paths absolute and check every value before anything runs."
-    unknown = sorted(set(params) - set(UNITMEM_DEFAULTS))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(UNITMEM_DEFAULTS)}')
-    p = resolve_paths({**UNITMEM_DEFAULTS, **params})
+    p = known_params(params, UNITMEM_DEFAULTS)
     if not p['encoder_path']: raise RunError('encoder_path is required: the checkpoint of the encoder to audit')
     p['encoder_path'] = str(Path(p['encoder_path']).expanduser().resolve())
     if not Path(p['encoder_path']).is_file(): raise RunError(f"encoder_path: no file at {p['encoder_path']}")
@@ -495,15 +488,10 @@ def validate_unitmem_params(params:dict) -> dict:
         p['split_file'] = str(Path(p['split_file']).expanduser().resolve())
         if not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
     check_model_params(p)
-    for k in ('unit_views', 'max_points', 'batch_size'):
-        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
+    check_ints(p, ('unit_views', 'max_points', 'batch_size'))
     if p['max_points'] < 2: raise RunError(f"max_points must be >= 2 (UnitMem compares a point with the others), got {p['max_points']}")
-    if p['layers'] is not None and (not isinstance(p['layers'], (list, tuple)) or not p['layers'] or not all(isinstance(x, str) for x in p['layers'])):
-        raise RunError(f"layers must be a non-empty list of block names or None, got {p['layers']!r}")
-    if not isinstance(p['seed'], int) or p['seed'] < 0: raise RunError(f"seed must be an integer >= 0, got {p['seed']!r}")
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
+    check_layers_param(p)
+    check_destination(p)
     return p
 
 class UnitmemAudit(Run):
@@ -585,7 +573,7 @@ class UnitmemResult:
 register_kind(ExperimentKind('unitmem', 'unitmem.ipynb', validate_unitmem_params, UNITMEM_DEFAULTS, UnitmemResult, 'runs/unitmem',
                              'UnitMem of one encoder trained elsewhere (memssl-score --unitmem)'))
 
-# %% ../nbs/15_audit.ipynb #3e28a78f
+# %% ../nbs/15_audit.ipynb #b67cfc5b
 def main(argv=None):
     "Command line: memssl-score --f F --g G --split SPLIT [--dataset D] [--format F] [--arch A] [--views V] [--set k=v ...] [--dry-run]."
     import argparse, sys, yaml

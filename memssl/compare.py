@@ -11,7 +11,7 @@ __all__ = ['CORNERS', 'DEJAVU_DEFAULTS', 'LABELMEM_DEFAULTS', 'CompareError', 'c
            'start_labelmem_run', 'labelmem_inputs', 'run_classifiers', 'labelmem_scores', 'labelmem_summary',
            'finish_labelmem_run', 'LabelmemResult', 'plot_dejavu', 'plot_against_sslmem', 'disagreement_grid']
 
-# %% ../nbs/20_compare.ipynb #6a9e1fe4
+# %% ../nbs/20_compare.ipynb #dab97ef5
 import time
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .probe import extract_features
 class CompareError(ValueError):
     "Inputs a comparison measure cannot use (a crop outside the image, too few neighbours, classifiers without held-out points)."
 
-# %% ../nbs/20_compare.ipynb #016c545a
+# %% ../nbs/20_compare.ipynb #df748d9b
 CORNERS = ('tl', 'tr', 'bl', 'br')
 
 def corner_crop(images:torch.Tensor,    # uint8 (N, C, H, W)
@@ -44,7 +44,7 @@ def corner_crop(images:torch.Tensor,    # uint8 (N, C, H, W)
     crop = images[:, :, y0:y0 + h, x0:x0 + w].float()
     return F.interpolate(crop, size=(H, W), mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
 
-# %% ../nbs/20_compare.ipynb #c6b47f4e
+# %% ../nbs/20_compare.ipynb #cfd36cca
 @torch.no_grad()
 def knn_votes(bank:torch.Tensor, bank_labels,            # (N, D) public embeddings and their labels
               query:torch.Tensor,                        # (M, D) embeddings to label
@@ -67,7 +67,7 @@ def vote_confidence(votes) -> np.ndarray:
     v = np.asarray(votes, dtype=np.float64)
     return (v * np.log(np.where(v > 0, v, 1.0))).sum(1)
 
-# %% ../nbs/20_compare.ipynb #3c606f8c
+# %% ../nbs/20_compare.ipynb #20c796bb
 @torch.no_grad()
 def dejavu_scores(f:nn.Module, g:nn.Module,
                   images:torch.Tensor, labels, indices,           # uint8 (N, C, H, W) points to test, their labels and dataset indices
@@ -95,7 +95,7 @@ def dejavu_scores(f:nn.Module, g:nn.Module,
     df['dejavu'] = df.p_f - df.p_g
     return df
 
-# %% ../nbs/20_compare.ipynb #d7e53a8f
+# %% ../nbs/20_compare.ipynb #d36ca356
 def dejavu_table(df:pd.DataFrame) -> pd.DataFrame:
     "Shares of the points by whether f (rows) and g (columns) infer their label."
     t = pd.crosstab(df.correct_f.map({True: 'f right', False: 'f wrong'}), df.correct_g.map({True: 'g right', False: 'g wrong'}), normalize='all')
@@ -113,7 +113,7 @@ def dejavu_set(df:pd.DataFrame, q:float=0.05) -> np.ndarray:
     d = df[df.correct_f & ~df.correct_g].sort_values('conf_f', ascending=False, kind='stable')
     return d.idx.to_numpy()[:max(1, int(round(q * len(df))))]
 
-# %% ../nbs/20_compare.ipynb #5e0eb4a3
+# %% ../nbs/20_compare.ipynb #1d14c327
 def subset_masks(n:int, n_models:int, frac:float=0.7, seed:int=0) -> np.ndarray:
     "`(n_models, n)` booleans: each row a random subset of `round(frac * n)` of the n points."
     if not 0 < frac < 1: raise CompareError(f'subset fraction must be in (0, 1), got {frac!r}')
@@ -133,7 +133,7 @@ def fz_estimate(correct, in_mask) -> pd.DataFrame:
         p_out = np.where(n_out > 0, (c * ~m).sum(0) / n_out, np.nan)
     return pd.DataFrame(dict(mem=p_in - p_out, p_in=p_in, p_out=p_out, n_in=n_in, n_out=n_out))
 
-# %% ../nbs/20_compare.ipynb #1a38e0ad
+# %% ../nbs/20_compare.ipynb #ce3af4f5
 def fz_split_half(correct, in_mask, n_splits:int=20, seed:int=0) -> float:
     "Mean over random halvings of the classifiers of the Pearson correlation between the two halves' estimates (points defined in both)."
     c, m = np.asarray(correct), np.asarray(in_mask, dtype=bool)
@@ -153,7 +153,7 @@ def fz_reliability_curve(correct, in_mask, sizes=None, n_splits:int=20, seed:int
     sizes = sizes or sorted({*[2 ** i for i in range(2, 20) if 2 ** i < M], M - M % 2})
     return pd.DataFrame([dict(models=m, r_half=fz_split_half(np.asarray(correct)[:m], np.asarray(in_mask)[:m], n_splits, seed)) for m in sizes])
 
-# %% ../nbs/20_compare.ipynb #5783f95a
+# %% ../nbs/20_compare.ipynb #fb30dea8
 from .models import build_backbone
 
 class Classifier(nn.Module):
@@ -194,9 +194,10 @@ def classifier_correct(model:nn.Module, images:torch.Tensor, labels, view_config
     pred = torch.cat([model(to_input(images[i:i + batch_size], view_config).to(device)).argmax(1).cpu() for i in range(0, len(y), batch_size)])
     return pred.numpy() == y
 
-# %% ../nbs/20_compare.ipynb #eb5c6c72
+# %% ../nbs/20_compare.ipynb #c3fd16e9
 from .io import read_json, atomic_write_bytes, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
 from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, run_view_config
+from .runs import known_params, check_ints, check_destination
 from .data import load_dataset
 from .layers import source_sslmem_run, layers_inputs, record_summary
 
@@ -213,32 +214,17 @@ DEJAVU_DEFAULTS = dict(
     run_dir='runs/dejavu/default',   # where this run's files go
 )
 
-def _check_ints(p:dict, keys, minimum:int=1):
-    for k in keys:
-        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < minimum: raise RunError(f'{k} must be an integer >= {minimum}, got {p[k]!r}')
-
-def _check_common(p:dict, src:Path):
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    if Path(p['run_dir']).resolve() == src: raise RunError('run_dir must not be the source run')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
-
-def _known(params:dict, defaults:dict) -> dict:
-    unknown = sorted(set(params) - set(defaults))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(defaults)}')
-    return resolve_paths({**defaults, **params})
-
 def validate_dejavu_params(params:dict) -> dict:
     "Complete a dejavu run's parameters with the defaults and check them (the source run must be complete and hold its checkpoints)."
-    p = _known(params, DEJAVU_DEFAULTS)
+    p = known_params(params, DEJAVU_DEFAULTS)
     src = source_sslmem_run(p['source_run'], 'dejavu'); p['source_run'] = str(src)
-    _check_ints(p, ('k', 'max_points', 'batch_size')); _check_ints(p, ('seed',), 0)
+    check_ints(p, ('k', 'max_points', 'batch_size')); check_ints(p, ('seed',), 0)
     if not isinstance(p['crop_frac'], (int, float)) or not 0 < p['crop_frac'] < 1: raise RunError(f"crop_frac must be in (0, 1), got {p['crop_frac']!r}")
     if p['corner'] not in CORNERS: raise RunError(f"corner must be one of {CORNERS}, got {p['corner']!r}")
     if p['features'] not in ('projector', 'backbone'): raise RunError(f"features must be 'projector' or 'backbone', got {p['features']!r}")
     n_extra = read_json(src / 'split.json', 'split file').get('sizes', {}).get('extra', 0)
     if n_extra < p['k']: raise RunError(f"the source run's extra set (the public set) has {n_extra} points, fewer than k = {p['k']}")
-    _check_common(p, src)
+    check_destination(p, src)
     return p
 
 class CompareRun(Run):
@@ -348,7 +334,7 @@ def record_compare_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('dejavu', 'dejavu.ipynb', validate_dejavu_params, DEJAVU_DEFAULTS, DejavuResult, 'runs/dejavu',
                              "DejaVu of an SSLMem run's pairs: labels inferred from corner crops by public neighbours (nothing trained)"))
 
-# %% ../nbs/20_compare.ipynb #f55bfb17
+# %% ../nbs/20_compare.ipynb #047edc67
 from .splits import ROLES
 
 LABELMEM_DEFAULTS = dict(
@@ -366,15 +352,15 @@ LABELMEM_DEFAULTS = dict(
 
 def validate_labelmem_params(params:dict) -> dict:
     "Complete a labelmem run's parameters with the defaults and check them."
-    p = _known(params, LABELMEM_DEFAULTS)
+    p = known_params(params, LABELMEM_DEFAULTS)
     src = source_sslmem_run(p['source_run'], 'labelmem', checkpoints=False); p['source_run'] = str(src)
-    _check_ints(p, ('epochs', 'batch_size')); _check_ints(p, ('seed',), 0); _check_ints(p, ('n_models',), 4)
+    check_ints(p, ('epochs', 'batch_size')); check_ints(p, ('seed',), 0); check_ints(p, ('n_models',), 4)
     if not isinstance(p['subset_frac'], (int, float)) or not 0 < p['subset_frac'] < 1: raise RunError(f"subset_frac must be in (0, 1), got {p['subset_frac']!r}")
     if not isinstance(p['lr'], (int, float)) or p['lr'] <= 0: raise RunError(f"lr must be positive, got {p['lr']!r}")
     if not isinstance(p['pool'], (list, tuple)) or not p['pool'] or not set(p['pool']) <= set(ROLES) or 'candidates' not in p['pool']:
         raise RunError(f"pool must be a list of sets among {ROLES} that includes candidates (the points compared with SSLMem), got {p['pool']!r}")
     p['pool'] = list(dict.fromkeys(p['pool']))
-    _check_common(p, src)
+    check_destination(p, src)
     return p
 
 def start_labelmem_run(params:dict) -> CompareRun:
@@ -464,7 +450,7 @@ class LabelmemResult(CompareResult):
 register_kind(ExperimentKind('labelmem', 'labelmem.ipynb', validate_labelmem_params, LABELMEM_DEFAULTS, LabelmemResult, 'runs/labelmem',
                              "Feldman-Zhang label memorisation of an SSLMem run's points, from supervised classifiers on random subsets"))
 
-# %% ../nbs/20_compare.ipynb #de4e2e99
+# %% ../nbs/20_compare.ipynb #bb8d858d
 def plot_dejavu(summary:pd.DataFrame, title:str=''):
     "f's and g's label inference from corner crops, per set: overall and among the most confident 20% and 5%."
     import matplotlib.pyplot as plt

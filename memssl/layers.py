@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['SIGNED_ACTIVATIONS', 'LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'LayerError', 'layer_names', 'resolve_layers', 'pool',
            'layer_features', 'view_batches', 'layermem_scores', 'mlp_activation', 'unit_layer_names',
-           'unit_activations', 'unitmem', 'source_sslmem_run', 'validate_layers_params', 'LayersRun',
-           'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary', 'unit_summary',
-           'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run', 'layers_table', 'plot_layermem',
-           'plot_unitmem']
+           'unit_activations', 'unitmem', 'source_sslmem_run', 'check_layers_param', 'validate_layers_params',
+           'LayersRun', 'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary',
+           'unit_summary', 'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run', 'layers_table',
+           'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #08cb34a0
+# %% ../nbs/19_layers.ipynb #205e174f
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +24,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #f2461ea5
+# %% ../nbs/19_layers.ipynb #b43e8623
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -52,7 +52,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #5f46faea
+# %% ../nbs/19_layers.ipynb #d00e73d9
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -78,7 +78,7 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None, positive=()) ->
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #8b06e9fd
+# %% ../nbs/19_layers.ipynb #4373078e
 def view_batches(images:torch.Tensor, view_config:ViewConfig, n_views:int, batch_size:int, seed:int, device='cpu'):
     """Batches `(B, K, views (B*K, C, S, S))` of `n_views` views of each image, every view drawn up front from `seed` as
     `memorization.alignment_scores` draws them, so LayerMem and UnitMem see the views SSLMem's scorer sees."""
@@ -118,7 +118,7 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #e7b4b6e5
+# %% ../nbs/19_layers.ipynb #1f66b670
 SIGNED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.LeakyReLU)
 
 def mlp_activation(model:nn.Module, block:str) -> str|None:
@@ -173,11 +173,11 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #9854eb99
+# %% ../nbs/19_layers.ipynb #dd88e001
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
-from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id
+from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, known_params, check_ints, check_destination
 from .runs import load_encoders, run_view_config, run_canaries
 from .data import load_dataset
 from .memorization import set_tests
@@ -208,22 +208,20 @@ def source_sslmem_run(value, kind:str, checkpoints:bool=True) -> Path:
     if run_canaries(src) is not None: raise RunError(f'source_run {src} planted canaries; {kind} runs of such runs are not supported yet')
     return src
 
-def validate_layers_params(params:dict) -> dict:
-    "Complete a layers run's parameters with the defaults and check them (the source run must be complete and hold its checkpoints)."
-    unknown = sorted(set(params) - set(LAYERS_DEFAULTS))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(LAYERS_DEFAULTS)}')
-    p = resolve_paths({**LAYERS_DEFAULTS, **params})
-    src = source_sslmem_run(p['source_run'], 'layers'); p['source_run'] = str(src)
-    for k in ('n_views', 'unit_views', 'max_points', 'batch_size'):
-        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
-    if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
+def check_layers_param(p:dict) -> None:
+    "Checks of the parameters a kind that reads layers shares: `layers` (None or a non-empty list of names) and `seed` (>= 0)."
     if p['layers'] is not None and (not isinstance(p['layers'], (list, tuple)) or not p['layers'] or not all(isinstance(x, str) for x in p['layers'])):
         raise RunError(f"layers must be a non-empty list of block names or None, got {p['layers']!r}")
-    if not isinstance(p['seed'], int) or p['seed'] < 0: raise RunError(f"seed must be an integer >= 0, got {p['seed']!r}")
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    if Path(p['run_dir']).resolve() == src: raise RunError('run_dir must not be the source run')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
+    check_ints(p, ('seed',), 0)
+
+def validate_layers_params(params:dict) -> dict:
+    "Complete a layers run's parameters with the defaults and check them (the source run must be complete and hold its checkpoints)."
+    p = known_params(params, LAYERS_DEFAULTS)
+    src = source_sslmem_run(p['source_run'], 'layers'); p['source_run'] = str(src)
+    check_ints(p, ('n_views', 'unit_views', 'max_points', 'batch_size'))
+    if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
+    check_layers_param(p)
+    check_destination(p, src)
     return p
 
 class LayersRun(Run):
@@ -238,7 +236,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #2405ee78
+# %% ../nbs/19_layers.ipynb #03ec33ec
 def layers_inputs(run:Run, whole=()) -> dict:
     """The source run's data, split, views, pairs (checked against the split) and the points to score with their labels: at most
     `max_points` per set, except the sets named in `whole`. Any run whose parameters hold `source_run`, `device`, `seed` and `max_points`."""
@@ -286,7 +284,7 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #50d29356
+# %% ../nbs/19_layers.ipynb #7edfba2f
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -335,7 +333,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #2542d7c7
+# %% ../nbs/19_layers.ipynb #b1feec6d
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -373,7 +371,7 @@ def record_layers_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #02681a20
+# %% ../nbs/19_layers.ipynb #a0dce7c6
 def layers_table(layers:pd.DataFrame):
     "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
     short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',

@@ -10,7 +10,7 @@ __all__ = ['REMOVAL_DEFAULTS', 'REMOVAL_NON_RESULT', 'STRAT_COLORS', 'RECORD_FIL
            'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult',
            'list_removal_runs', 'record_run']
 
-# %% ../nbs/14_removal.ipynb #d28ef5e4
+# %% ../nbs/14_removal.ipynb #6b22df39
 import json, os, time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,13 +26,13 @@ from .models import load_encoder, Encoder
 from .train import fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
-from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params,
+from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
                              fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
                              atypicality, atypicality_correlation, CANARY_KINDS, STRATEGIES, index_hash)
 
-# %% ../nbs/14_removal.ipynb #2929c8e0
+# %% ../nbs/14_removal.ipynb #09b64d87
 REMOVAL_DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -79,27 +79,18 @@ REMOVAL_DEFAULTS = dict(
 )
 REMOVAL_NON_RESULT = ('data_root', 'download', 'device', 'parallel', 'run_dir')
 
-def _posint(p, k, minimum=1):
-    v = p[k]
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum: raise RunError(f'{k} must be an integer >= {minimum}, got {v!r}')
-
 def removal_params_from(namespace:dict) -> dict:
     "The removal-run parameters defined in `namespace` (a papermill notebook's `globals()`)."
-    missing = [k for k in REMOVAL_DEFAULTS if k not in namespace]
-    if missing: raise RunError(f'parameters {missing} are not defined; the parameters cell must define every name in REMOVAL_DEFAULTS')
-    return {k: namespace[k] for k in REMOVAL_DEFAULTS}
+    return params_from(namespace, REMOVAL_DEFAULTS, 'REMOVAL_DEFAULTS')
 
 def validate_removal_params(params:dict) -> dict:
     "Complete `params` with `REMOVAL_DEFAULTS`, make paths absolute and check every value; unknown names are an error."
-    unknown = sorted(set(params) - set(REMOVAL_DEFAULTS))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(REMOVAL_DEFAULTS)}')
-    p = {**REMOVAL_DEFAULTS, **params}
-    p = resolve_paths(p)
+    p = known_params(params, REMOVAL_DEFAULTS)
     check_dataset_name(p['dataset'])
-    for k in ('n_pool', 'n_folds', 'score_seeds', 'retrain_seeds', 'epochs', 'batch_size', 'n_views',
-              'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'): _posint(p, k)
-    for k in ('n_shared', 'n_extra', 'n_canaries', 'seed'): _posint(p, k, 0)
-    if p['retrain_epochs'] is not None: _posint(p, 'retrain_epochs')
+    check_ints(p, ('n_pool', 'n_folds', 'score_seeds', 'retrain_seeds', 'epochs', 'batch_size', 'n_views',
+                   'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'))
+    check_ints(p, ('n_shared', 'n_extra', 'n_canaries', 'seed'), 0)
+    if p['retrain_epochs'] is not None: check_ints(p, ('retrain_epochs',))
     if not isinstance(p['fixed_partition'], bool): raise RunError(f"fixed_partition must be true or false, got {p['fixed_partition']!r}")
     if not isinstance(p['coupled'], bool): raise RunError(f"coupled must be true or false, got {p['coupled']!r}")
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
@@ -119,7 +110,7 @@ def validate_removal_params(params:dict) -> dict:
     check_training_params(p)
     return p
 
-# %% ../nbs/14_removal.ipynb #5606c476
+# %% ../nbs/14_removal.ipynb #0b323fc4
 def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     "Dataset indices of the pool (real points), shared, extra and canaries for a removal run."
     need = p['n_pool'] + p['n_shared'] + p['n_extra']
@@ -130,7 +121,7 @@ def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     return dict(shared=np.sort(perm[:a]), pool=np.sort(perm[a:b]), extra=np.sort(perm[b:b + p['n_extra']]),
                 canaries=np.arange(n_train, n_train + n_canaries, dtype=np.int64))
 
-# %% ../nbs/14_removal.ipynb #d2a521bd
+# %% ../nbs/14_removal.ipynb #cdc8d0d1
 def start_removal_run(params:dict) -> Run:
     "Validate, claim the run directory and record parameters and provenance."
     p = validate_removal_params(params)
@@ -165,7 +156,7 @@ def load_removal_data(run:Run) -> dict:
     atomic_write_json(run.path('params.json'), d)
     return dict(base=base, train=train, sets=sets, canary_kinds=ckinds, tasks=tasks, view_config=vc, encoder_config=ec)
 
-# %% ../nbs/14_removal.ipynb #ae2ae71d
+# %% ../nbs/14_removal.ipynb #7583d38d
 def score_pool(run:Run, data:dict) -> dict:
     "Cross-fitted scores of every pool point and canary, per seed and averaged; writes `scores_seed*.csv`, `scores.csv`, `reliability.csv`."
     p, s = run.params, data['sets']
@@ -189,7 +180,7 @@ def score_pool(run:Run, data:dict) -> dict:
     atomic_write_text(run.path('reliability.csv'), rel.to_csv(index=False))
     return dict(per_seed=per_seed, scores=agg, reliability=rel)
 
-# %% ../nbs/14_removal.ipynb #47755f0b
+# %% ../nbs/14_removal.ipynb #11e00fa9
 def canary_levers(per_seed:list, sets:dict, canary_kinds) -> pd.DataFrame:
     "Canary AUROC per kind for every feature variant, score normalisation and number of seeds averaged."
     rows = []
@@ -213,7 +204,7 @@ def memorised_summary(scores:pd.DataFrame, sets:dict, features:str, q:float=0.95
     thr = memorised_threshold(null, q)
     return dict(features=features, q=q, threshold=thr, **fraction_memorised(pool, thr, q))
 
-# %% ../nbs/14_removal.ipynb #fee74820
+# %% ../nbs/14_removal.ipynb #e300f365
 def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
     "One job per retraining: the no-removal baseline and each (fraction, strategy) for each retraining seed."
     n_full = len(sets['shared']) + len(sets['pool'])
@@ -230,7 +221,7 @@ def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:
                              n_removed=len(removed), removed_hash=index_hash(removed), epochs=ep))
     return jobs
 
-# %% ../nbs/14_removal.ipynb #f2b9f90a
+# %% ../nbs/14_removal.ipynb #301d03e1
 def _match_channels(images:torch.Tensor, c:int) -> torch.Tensor:
     "Grey images for an RGB encoder (repeated) or RGB images for a grey one (channel mean), as uint8."
     if images.shape[1] == c: return images
@@ -293,7 +284,7 @@ def retrain_and_probe(run:Run, data:dict, jobs:list) -> pd.DataFrame:
     atomic_write_text(run.path('removal.csv'), df.to_csv(index=False))
     return df
 
-# %% ../nbs/14_removal.ipynb #6d3fcee2
+# %% ../nbs/14_removal.ipynb #e0121d8a
 def paired_tests(removal:pd.DataFrame, a:str='top', b:str='random', alternative:str='less') -> pd.DataFrame:
     "Paired one-sided t tests of strategy `a` against `b` per fraction, task and probe, with the minimum detectable difference."
     rows = []
@@ -334,7 +325,7 @@ def holm(p:np.ndarray) -> np.ndarray:
         running = max(running, min(1.0, (m - i) * p[j])); out[j] = running
     return out
 
-# %% ../nbs/14_removal.ipynb #f2cb9506
+# %% ../nbs/14_removal.ipynb #c83d477a
 def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.DataFrame:
     "Correlations of the pool's mean scores with atypicality in the baseline encoder's features and in pixels."
     p, s = run.params, data['sets']
@@ -355,7 +346,7 @@ def atypicality_table(run:Run, data:dict, scores:pd.DataFrame, jobs:list) -> pd.
     atomic_write_text(run.path('atypicality.csv'), both.to_csv(index=False))
     return tab
 
-# %% ../nbs/14_removal.ipynb #ea32257e
+# %% ../nbs/14_removal.ipynb #9ac7ff94
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, 'item') else v)) for k, v in r.items()}
             for r in df.to_dict('records')]
@@ -373,7 +364,7 @@ def finish_removal_run(run:Run, sc:dict, levers:pd.DataFrame, canaries:pd.DataFr
     complete_run(run)
     return m
 
-# %% ../nbs/14_removal.ipynb #0dcc7915
+# %% ../nbs/14_removal.ipynb #97d30a99
 import matplotlib.pyplot as plt
 
 STRAT_COLORS = {'top': '#c0392b', 'random': '#7f8c8d', 'bottom': '#2471a3', 'none': 'k'}
@@ -448,7 +439,7 @@ def plot_atypicality(atyp:pd.DataFrame):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #fd2cfd3c
+# %% ../nbs/14_removal.ipynb #ba12fe4e
 def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, score:str='sslmem'):
     "Per class (rows): its `n` most memorised points (left) and `n` least memorised (right), with their scores."
     labels = sorted(scores['label'].unique())
@@ -469,7 +460,7 @@ def plot_class_extremes(scores:pd.DataFrame, images_of, classes:list, n:int=4, s
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_removal.ipynb #5fcf49cc
+# %% ../nbs/14_removal.ipynb #47fe427f
 class RemovalResult:
     "The files of a complete removal run (or a recorded copy of its summary files), loaded."
     def __init__(self, run_dir):
@@ -518,7 +509,7 @@ def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
                                                    machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
     return dest
 
-# %% ../nbs/14_removal.ipynb #a739eb3a
+# %% ../nbs/14_removal.ipynb #d206da63
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('removal', 'removal.ipynb', validate_removal_params, REMOVAL_DEFAULTS, RemovalResult, 'runs/removal',
                              'cross-fitted SSLMem of a pool, then top/random/bottom removal, retraining and probes'))

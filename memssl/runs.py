@@ -4,17 +4,18 @@
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'ROLE_SETS', 'SSLMEM_RECORD_FILES', 'RunError',
-           'resolve_dataset', 'dataset_label', 'resolve_paths', 'check_dataset_name', 'validate_params',
-           'check_training_params', 'params_from', 'result_params', 'params_diff', 'params_id', 'apply_preset',
-           'method_param_names', 'check_method_params', 'Run', 'set_status', 'check_same_run', 'start_run', 'claim_run',
-           'complete_run', 'load_run_data', 'make_run_split', 'run_provenance', 'check_pair', 'channel_stats',
-           'run_view_config', 'run_encoder_config', 'run_train_config', 'method_hparams', 'parallel_of', 'pair_seed',
-           'pair_dir', 'pair_names', 'coupled_order', 'plant_run_canaries', 'run_canaries', 'pair_training_sets',
-           'train_encoders', 'training_jobs', 'load_encoders', 'load_pairs', 'score_points', 'score_pairs', 'score_run',
-           'available_tests', 'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
-           'run_summary', 'record_sslmem_run', 'method_table']
+           'resolve_dataset', 'dataset_label', 'resolve_paths', 'check_dataset_name', 'known_params', 'check_ints',
+           'check_destination', 'validate_params', 'check_training_params', 'params_from', 'result_params',
+           'params_diff', 'params_id', 'apply_preset', 'method_param_names', 'check_method_params', 'Run', 'set_status',
+           'check_same_run', 'start_run', 'claim_run', 'complete_run', 'load_run_data', 'make_run_split',
+           'run_provenance', 'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config',
+           'method_hparams', 'parallel_of', 'pair_seed', 'pair_dir', 'pair_names', 'coupled_order',
+           'plant_run_canaries', 'run_canaries', 'pair_training_sets', 'train_encoders', 'training_jobs',
+           'load_encoders', 'load_pairs', 'score_points', 'score_pairs', 'score_run', 'available_tests',
+           'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary',
+           'record_sslmem_run', 'method_table']
 
-# %% ../nbs/09_runs.ipynb #b2fc5df5
+# %% ../nbs/09_runs.ipynb #0af736b3
 import hashlib, inspect, json, time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -36,7 +37,7 @@ from .io import dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
-# %% ../nbs/09_runs.ipynb #3b93c92b
+# %% ../nbs/09_runs.ipynb #ad0ce765
 DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -129,20 +130,37 @@ def check_dataset_name(name) -> None:
     if name not in DATASETS:
         raise RunError(f"unknown dataset {name!r}; known names: {sorted(DATASETS)}, or {', '.join(k + ':PATH' for k in PREFIXES)}")
 
+def known_params(params:dict, defaults:dict) -> dict:
+    "`params` completed with `defaults` and its paths made absolute; a name that `defaults` does not have is an error."
+    unknown = sorted(set(params) - set(defaults))
+    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(defaults)}')
+    return resolve_paths({**defaults, **params})
+
+def check_ints(p:dict, keys, minimum:int=1) -> None:
+    "Raise `RunError` unless every parameter in `keys` is an integer (not a bool) of at least `minimum`."
+    for k in keys:
+        v = p[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise RunError(f'{k} must be a positive integer, got {v!r}' if minimum == 1 else f'{k} must be an integer >= {minimum}, got {v!r}')
+
+def check_destination(p:dict, source=None) -> None:
+    "The last checks of every experiment kind: a run directory (other than the `source` run's, if any) and a device this machine has."
+    if not p['run_dir']: raise RunError('run_dir must be set')
+    if source is not None and Path(p['run_dir']).resolve() == Path(source).resolve(): raise RunError('run_dir must not be the source run')
+    try: pick_device(p['device'])
+    except RuntimeError as e: raise RunError(str(e)) from None
+
 def validate_params(params:dict) -> dict:
     "Complete `params` with the defaults (and a preset), make paths absolute and check every value; unknown names are an error."
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown: raise RunError(f'unknown parameters {unknown}; known parameters: {sorted(DEFAULTS)}')
+    known_params(params, DEFAULTS)
     p = resolve_paths(apply_preset({**DEFAULTS, **params}, DEFAULTS))
     check_dataset_name(p['dataset'])
     if not isinstance(p['probe_datasets'], (list, tuple)): raise RunError(f"probe_datasets must be a list of dataset names, got {p['probe_datasets']!r}")
     for d in p['probe_datasets']: check_dataset_name(d)
     if p['split_file'] and not Path(p['split_file']).is_file(): raise RunError(f"split_file: no file at {p['split_file']}")
-    for k in ('n_shared', 'n_candidates', 'n_independent', 'epochs', 'batch_size', 'n_views', 'max_score_per_set',
-              'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k'):
-        if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] < 1: raise RunError(f'{k} must be a positive integer, got {p[k]!r}')
+    check_ints(p, ('n_shared', 'n_candidates', 'n_independent', 'epochs', 'batch_size', 'n_views', 'max_score_per_set',
+                   'n_probe_train', 'n_probe_test', 'probe_epochs', 'knn_k', 'n_pairs'))
     if not isinstance(p['n_extra'], int) or p['n_extra'] < 0: raise RunError(f"n_extra must be an integer >= 0, got {p['n_extra']!r}")
-    if not isinstance(p['n_pairs'], int) or isinstance(p['n_pairs'], bool) or p['n_pairs'] < 1: raise RunError(f"n_pairs must be a positive integer, got {p['n_pairs']!r}")
     if not isinstance(p['coupled'], bool): raise RunError(f"coupled must be true or false, got {p['coupled']!r}")
     if p['coupled'] and not p['split_file'] and not p['split_preset'] and p['n_candidates'] != p['n_independent']:
         raise RunError(f"coupled training pairs each candidate with an independent point: n_candidates ({p['n_candidates']}) must equal n_independent ({p['n_independent']})")
@@ -178,16 +196,15 @@ def check_training_params(p:dict) -> dict:
         if p.get('amp', 'none') != 'none': raise RunError('dp_epsilon: DP-SGD trains in float32; set amp: none')
         if not 0 < p.get('dp_delta', 1e-5) < 1: raise RunError(f"dp_delta must be in (0, 1), got {p['dp_delta']!r}")
         if not p.get('dp_clip', 1.0) > 0: raise RunError(f"dp_clip must be > 0, got {p['dp_clip']!r}")
-    if not p['run_dir']: raise RunError('run_dir must be set')
-    try: pick_device(p['device'])
-    except RuntimeError as e: raise RunError(str(e)) from None
+    check_destination(p)
     return p
 
-def params_from(namespace:dict) -> dict:
-    "The run parameters defined in `namespace` (e.g. a papermill notebook's `globals()`)."
-    missing = [k for k in DEFAULTS if k not in namespace]
-    if missing: raise RunError(f'parameters {missing} are not defined; the parameters cell must define every name in DEFAULTS')
-    return {k: namespace[k] for k in DEFAULTS}
+def params_from(namespace:dict, defaults:dict|None=None, name:str='DEFAULTS') -> dict:
+    "The run parameters (the names of `defaults`, an SSLMem run's by default) defined in `namespace` (e.g. a papermill notebook's `globals()`)."
+    defaults = DEFAULTS if defaults is None else defaults
+    missing = [k for k in defaults if k not in namespace]
+    if missing: raise RunError(f'parameters {missing} are not defined; the parameters cell must define every name in {name}')
+    return {k: namespace[k] for k in defaults}
 
 def result_params(p:dict) -> dict:
     "The parameters that decide a run's results (parameters added later are left out at the value that reproduces older runs)."
@@ -203,7 +220,7 @@ def params_id(p:dict) -> str:
     "A short hash of the parameters that decide a run's results."
     return hashlib.sha256(json.dumps(result_params(p), sort_keys=True).encode()).hexdigest()[:12]
 
-# %% ../nbs/09_runs.ipynb #4fe7f388
+# %% ../nbs/09_runs.ipynb #27a2ad4e
 PRESETS = {
     'cpu': {                     # Fashion-MNIST-sized data on a small CPU: every method learns in minutes (measured in the book)
         'simclr': {},
@@ -263,7 +280,7 @@ def check_method_params(p:dict):
     if bad: raise RunError(f"method_params {bad} are not hyper-parameters of {p['method']!r}; it takes {[k for k in known if p['method'] != 'simclr' or k != 'temperature']}"
                            + (" (SimCLR's temperature is the parameter `temperature`)" if p['method'] == 'simclr' else ''))
 
-# %% ../nbs/09_runs.ipynb #e765c7d4
+# %% ../nbs/09_runs.ipynb #8b2e7816
 class Run:
     "A run directory and its validated parameters."
     def __init__(self, params:dict):
@@ -317,7 +334,7 @@ def complete_run(run:Run):
     set_status(run.dir, 'complete', timings=run.timings)
     release_dir(run.dir)
 
-# %% ../nbs/09_runs.ipynb #05d90751
+# %% ../nbs/09_runs.ipynb #53c934d8
 def load_run_data(run:Run):
     "The train split and, where the dataset has one, the test split; records the fingerprint."
     p = run.params
@@ -619,7 +636,7 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     complete_run(run)
     return m
 
-# %% ../nbs/09_runs.ipynb #c3ff7c2c
+# %% ../nbs/09_runs.ipynb #a2d20493
 def is_complete(run_dir) -> bool:
     "A run is complete iff its `metrics.json` exists."
     return (Path(run_dir) / 'metrics.json').is_file()
@@ -667,12 +684,12 @@ def run_summary(runs:list) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/09_runs.ipynb #d1a1613a
+# %% ../nbs/09_runs.ipynb #dbed7371
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS, RunResult, 'runs',
                              'SSLMem of f/g pairs trained here: set tests, per-point scores, probes'))
 
-# %% ../nbs/09_runs.ipynb #ec4ec29b
+# %% ../nbs/09_runs.ipynb #2597ea53
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
 def record_sslmem_run(run_dir, dest, command:str) -> Path:

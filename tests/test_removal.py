@@ -37,7 +37,7 @@ def test_parameters_cell_matches_defaults():
     ('n_folds=1', 'n_folds must be >= 2'),
     ('strategies=[worst]', "strategies must be a list of 'top', 'random', 'bottom'"),
     ('probe_datasets=[mnistt]', "unknown dataset 'mnistt'"),
-    ('score_seeds=0', 'score_seeds must be an integer >= 1'),
+    ('score_seeds=0', 'score_seeds must be a positive integer'),
 ])
 def test_dry_run_refuses_bad_removal_parameters(tmp_path, setting, message):
     (tmp_path / 'g.yml').write_text(f'experiment: removal\nruns_root: {tmp_path}/runs\nbase: {{}}\n')
