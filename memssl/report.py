@@ -8,7 +8,7 @@ __all__ = ['ORDER', 'COLORS', 'LABELS', 'FAMILY_ORDER', 'plot_score_hist', 'plot
            'plot_reliability', 'pointwise_summary', 'run_source', 'limit_setting', 'limits_table', 'limit_metrics',
            'limits_summary', 'limits_verdicts']
 
-# %% ../nbs/10_report.ipynb #4bf5aad9
+# %% ../nbs/10_report.ipynb #788a19e9
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -19,7 +19,7 @@ COLORS = {'candidates': '#d62728', 'shared': '#7f7f7f', 'extra': '#1f77b4', 'ind
 LABELS = {'candidates': 'candidates $S_C$ (f only)', 'shared': 'shared $S_S$ (both)',
           'extra': 'extra $S_E$ (neither)', 'independent': 'independent $S_I$ (g only)'}
 
-# %% ../nbs/10_report.ipynb #82f5b03c
+# %% ../nbs/10_report.ipynb #d606e7b2
 def plot_score_hist(scores:pd.DataFrame, score:str='sslmem', ax=None, title:str|None=None, bins:int=40):
     "Distribution of a score per set, with each set's mean as a dashed line."
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
@@ -129,7 +129,7 @@ def plot_history(histories:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #8924c73b
+# %% ../nbs/10_report.ipynb #d79ce838
 def plot_across_runs(runs:list, score:str='sslmem_centered'):
     "Mean score per set (± standard error) for each run: does the ordering C > S ≈ E > I hold across runs?"
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(runs) + 1.6))
@@ -147,7 +147,7 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #97cb5a35
+# %% ../nbs/10_report.ipynb #dad080d3
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
     "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
     c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
@@ -177,7 +177,7 @@ def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #780be82e
+# %% ../nbs/10_report.ipynb #9f9f221d
 def pointwise_summary(run, scores:dict, features:str) -> dict:
     """What a run's report shows of its per-point results (from its `scores_pairs.csv` and the per-point `scores`): `text` (a paragraph),
     `table` (the most memorised candidates with their uncertainty), `figures` and `metrics` (`memssl.pointwise.pointwise_metrics`)."""
@@ -220,7 +220,7 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     if 'reliability_curve' in pm: figs.append(plot_reliability({features: pd.DataFrame(pm['reliability_curve'])}))
     return dict(text='\n\n'.join(lines), table=table.round(5), figures=figs, metrics=pm)
 
-# %% ../nbs/10_report.ipynb #d8813a77
+# %% ../nbs/10_report.ipynb #8c533eed
 from .io import machine_label
 
 def run_source(r) -> str:
@@ -288,9 +288,10 @@ def limits_summary(T:pd.DataFrame) -> pd.DataFrame:
 def limits_verdicts(T:pd.DataFrame) -> dict:
     """For each family present with its baseline (dp: GroupNorm without DP; cap: BatchNorm without cap), the strongest setting
     (smallest epsilon, largest weight) against the baseline, paired by seed (the seed fixes the split and the initialisation):
-    the mean differences and their standard errors over seeds. With two or more seeds a measure counts as lower when a one-sided
-    paired t-test gives p < 0.05; with one seed SSLMem must be lower by more than two standard errors over the candidates and
-    the linear probe by more than the two runs' f-g spreads."""
+    the mean differences and their standard errors over seeds. With two or more seeds a measure counts as lower (higher) when a
+    one-sided paired t-test gives p < 0.05; downstream accuracy counts as lower when at least half of the downstream measures (linear
+    and kNN on the run's dataset and on each further task, each in `downstream`) are lower and none is higher. With one seed SSLMem
+    must be lower by more than two standard errors over the candidates and the linear probe by more than the two runs' f-g spreads."""
     from scipy import stats
     out = {}
     for fam, base in (('dp', 'none-group'), ('cap', 'none')):
@@ -309,12 +310,22 @@ def limits_verdicts(T:pd.DataFrame) -> dict:
                  tasks={c[len('linear_'):]: dict(d_linear=diff(c)[1], d_knn=diff('knn_' + c[len('linear_'):])[1], n_seeds=len(diff(c)[0]))
                         for c in limit_metrics(T) if c.startswith('linear_')})
         if len(seeds) >= 2:
-            p_mem, p_acc = (float(stats.ttest_1samp(x, 0, alternative='less').pvalue) for x in (xm, xl))
-            v.update(se=sem, p_mem=p_mem, p_linear=p_acc, lower_mem=bool(p_mem < 0.05), lower_acc=bool(p_acc < 0.05), rule='paired t-test over seeds')
+            p_mem = float(stats.ttest_1samp(xm, 0, alternative='less').pvalue)
+            tasks = [c[len('linear_'):] for c in limit_metrics(T) if c.startswith('linear_')]
+            down = []
+            for c in ['linear', 'knn'] + [f'{k}_{t}' for t in tasks for k in ('linear', 'knn')]:
+                x, dd, se = diff(c)
+                if len(x) < 2: continue
+                pl, ph = (float(stats.ttest_1samp(x, 0, alternative=a).pvalue) for a in ('less', 'greater'))
+                down.append(dict(measure=c, n_seeds=len(x), d=dd, se=se, p_lower=pl, lower=bool(pl < 0.05), higher=bool(ph < 0.05)))
+            n_low, n_high = sum(x['lower'] for x in down), sum(x['higher'] for x in down)
+            v.update(se=sem, p_mem=p_mem, p_linear=down[0]['p_lower'], lower_mem=bool(p_mem < 0.05), downstream=down,
+                     lower_acc=bool(down) and 2 * n_low >= len(down) and n_high == 0,
+                     rule='paired t-tests over seeds (p < 0.05): SSLMem lower; downstream lower on at least half of the measures and higher on none')
         else:
             r0, b0 = si.iloc[0], bi.iloc[0]
             se = float(np.hypot(r0.se_C, b0.se_C))
-            v.update(se=se, p_mem=np.nan, p_linear=np.nan, lower_mem=bool(dm < -2 * se), lower_acc=bool(dl < -(r0.linear_gap + b0.linear_gap)),
+            v.update(se=se, p_mem=np.nan, p_linear=np.nan, lower_mem=bool(dm < -2 * se), lower_acc=bool(dl < -(r0.linear_gap + b0.linear_gap)), downstream=[],
                      rule='one seed: two standard errors over the candidates, and the f-g spread')
         out[fam] = v
     return out
