@@ -7,8 +7,8 @@ __all__ = ['TRAIN_FORMAT', 'DP_ROWS', 'TrainConfig', 'param_groups', 'make_optim
            'run_signature', 'cpu_rng_state', 'changed_keys', 'dp_noise', 'dp_epsilon_spent', 'dp_check', 'fit',
            'fit_many']
 
-# %% ../nbs/07_train.ipynb #ae5e5ead
-import contextlib, json, math, os, time
+# %% ../nbs/07_train.ipynb #9a2ced4f
+import contextlib, json, math, os, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from .probe import extract_features, knn_accuracy
 from .augment import view_shard
 from .data import image_batches
 
-# %% ../nbs/07_train.ipynb #6fe9bf43
+# %% ../nbs/07_train.ipynb #6662421c
 @dataclass
 class TrainConfig:
     "Optimisation settings of one SSL training run."
@@ -66,7 +66,7 @@ def lr_factor(step:int, total:int, warmup:int, schedule:str='cosine') -> float:
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-# %% ../nbs/07_train.ipynb #6489cc6a
+# %% ../nbs/07_train.ipynb #a442f1e4
 import sys
 
 class EpochProgress:
@@ -91,7 +91,7 @@ class EpochProgress:
     def close(self):
         for b in self.bars.values(): b.close()
 
-# %% ../nbs/07_train.ipynb #b8c49dc2
+# %% ../nbs/07_train.ipynb #5f308a4f
 TRAIN_FORMAT = 'memssl-train/2'   # 2: optimiser state in two parameter groups
 
 def run_signature(method, cfg:TrainConfig, data_id:str) -> dict:
@@ -118,7 +118,9 @@ def dp_noise(cfg:TrainConfig, method_name:str, n:int, batch_size:int, total_step
     from opacus.accountants.utils import get_noise_multiplier
     if method_name not in DP_ROWS: raise ValueError(f'DP-SGD is implemented for {sorted(DP_ROWS)}, not {method_name!r} (see the privacy statement in the library chapter Training)')
     q = batch_size / n
-    sigma = get_noise_multiplier(target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta, sample_rate=q, steps=total_steps, accountant='rdp')
+    with warnings.catch_warnings():      # the search tries noise levels whose best RDP order is the grid's smallest; the final one is checked by dp_epsilon_spent
+        warnings.filterwarnings('ignore', message='Optimal order is the smallest alpha')
+        sigma = get_noise_multiplier(target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta, sample_rate=q, steps=total_steps, accountant='rdp')
     return dict(sample_rate=q, sigma=float(sigma), rows=DP_ROWS[method_name], noise_multiplier=float(sigma) * DP_ROWS[method_name])
 
 def dp_epsilon_spent(dp:dict, steps:int, delta:float) -> float:
@@ -195,6 +197,8 @@ def fit(method,                        # an `SSLMethod`
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
         hooks = GradSampleModule(method.encoder, loss_reduction='mean')   # hooks on the encoder's layers; the encoder itself stays in place
+        # PyTorch notes that the first layer's backward hook fires without input gradients (the images need none): expected here
+        warnings.filterwarnings('ignore', message='Full backward hook is firing when gradients are computed with respect to module outputs')
         step_opt = DPOptimizer(opt, noise_multiplier=dp['noise_multiplier'], max_grad_norm=cfg.dp_clip, expected_batch_size=dp['rows'] * bs,
                                loss_reduction='mean', generator=noise_gen)
     try:
@@ -246,7 +250,7 @@ def fit(method,                        # an `SSLMethod`
     barrier()                                                     # the files exist before any process moves on
     return history
 
-# %% ../nbs/07_train.ipynb #0bb773f1
+# %% ../nbs/07_train.ipynb #78214782
 def _fit_job(job:dict, queue=None, threads:int|None=None) -> list:
     from memssl.augment import ViewConfig
     from memssl.methods import build_method
