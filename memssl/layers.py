@@ -10,7 +10,7 @@ __all__ = ['SIGNED_ACTIVATIONS', 'LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'Laye
            'unit_summary', 'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run', 'layers_table',
            'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #205e174f
+# %% ../nbs/19_layers.ipynb #61a08e18
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +24,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #b43e8623
+# %% ../nbs/19_layers.ipynb #717728d9
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -52,7 +52,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #d00e73d9
+# %% ../nbs/19_layers.ipynb #ab9eaf7f
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -78,7 +78,7 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None, positive=()) ->
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #4373078e
+# %% ../nbs/19_layers.ipynb #640e519d
 def view_batches(images:torch.Tensor, view_config:ViewConfig, n_views:int, batch_size:int, seed:int, device='cpu'):
     """Batches `(B, K, views (B*K, C, S, S))` of `n_views` views of each image, every view drawn up front from `seed` as
     `memorization.alignment_scores` draws them, so LayerMem and UnitMem see the views SSLMem's scorer sees."""
@@ -118,12 +118,12 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #1f66b670
+# %% ../nbs/19_layers.ipynb #bb68f28c
 SIGNED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.LeakyReLU)
 
-def mlp_activation(model:nn.Module, block:str) -> str|None:
-    "The name of the activation between the two linear layers of a transformer block's MLP (timm `mlp.act`, torchvision `mlp.1`), or None."
-    mods = dict(model.named_modules())
+def mlp_activation(mods:dict, block:str) -> str|None:
+    """The name of the activation between the two linear layers of a transformer block's MLP (timm `mlp.act`, torchvision `mlp.1`),
+    or None; `mods` is the model's `dict(named_modules())`."""
     mlp = mods.get(f'{block}.mlp')
     if mlp is None: return None
     acts = [n for n, x in mlp.named_modules() if isinstance(x, (nn.ReLU,) + SIGNED_ACTIVATIONS)]
@@ -132,11 +132,8 @@ def mlp_activation(model:nn.Module, block:str) -> str|None:
 def unit_layer_names(model:nn.Module) -> list:
     """The layers whose units UnitMem reads by default: the blocks of `layer_names` without a projection head (its outputs are signed),
     except in a ViT, whose blocks write a signed residual stream: there each block's MLP hidden units, after their activation."""
-    out = []
-    for n in layer_names(model):
-        if n == 'projector' or n.endswith('.projector') or n.split('.')[-1] == 'head': continue
-        out.append(mlp_activation(model, n) or n)
-    return out
+    mods = dict(model.named_modules())
+    return [mlp_activation(mods, n) or n for n in layer_names(model) if n.split('.')[-1] != 'projector']
 
 @torch.no_grad()
 def unit_activations(model:nn.Module, images:torch.Tensor, view_config:ViewConfig, n_views:int=10, layers=None,
@@ -173,7 +170,7 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #dd88e001
+# %% ../nbs/19_layers.ipynb #354820da
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
@@ -236,7 +233,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #03ec33ec
+# %% ../nbs/19_layers.ipynb #f6fe0cd3
 def layers_inputs(run:Run, whole=()) -> dict:
     """The source run's data, split, views, pairs (checked against the split) and the points to score with their labels: at most
     `max_points` per set, except the sets named in `whole`. Any run whose parameters hold `source_run`, `device`, `seed` and `max_points`."""
@@ -284,7 +281,7 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #7edfba2f
+# %% ../nbs/19_layers.ipynb #3372ee08
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -333,7 +330,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #b1feec6d
+# %% ../nbs/19_layers.ipynb #1e857265
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -371,7 +368,7 @@ def record_layers_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #a0dce7c6
+# %% ../nbs/19_layers.ipynb #bf04e0f9
 def layers_table(layers:pd.DataFrame):
     "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
     short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',
