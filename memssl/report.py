@@ -8,7 +8,7 @@ __all__ = ['ORDER', 'COLORS', 'LABELS', 'FAMILY_ORDER', 'plot_score_hist', 'plot
            'plot_reliability', 'pointwise_summary', 'run_source', 'limit_setting', 'limits_table', 'limit_metrics',
            'limits_summary', 'limits_verdicts']
 
-# %% ../nbs/10_report.ipynb #788a19e9
+# %% ../nbs/10_report.ipynb #9fa91b6f
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -19,7 +19,7 @@ COLORS = {'candidates': '#d62728', 'shared': '#7f7f7f', 'extra': '#1f77b4', 'ind
 LABELS = {'candidates': 'candidates $S_C$ (f only)', 'shared': 'shared $S_S$ (both)',
           'extra': 'extra $S_E$ (neither)', 'independent': 'independent $S_I$ (g only)'}
 
-# %% ../nbs/10_report.ipynb #d606e7b2
+# %% ../nbs/10_report.ipynb #a9cbc66b
 def plot_score_hist(scores:pd.DataFrame, score:str='sslmem', ax=None, title:str|None=None, bins:int=40):
     "Distribution of a score per set, with each set's mean as a dashed line."
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
@@ -129,7 +129,7 @@ def plot_history(histories:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #d79ce838
+# %% ../nbs/10_report.ipynb #b4cd01fe
 def plot_across_runs(runs:list, score:str='sslmem_centered'):
     "Mean score per set (± standard error) for each run: does the ordering C > S ≈ E > I hold across runs?"
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(runs) + 1.6))
@@ -147,7 +147,7 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #dad080d3
+# %% ../nbs/10_report.ipynb #51de1ce9
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
     "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
     c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
@@ -177,7 +177,7 @@ def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #9f9f221d
+# %% ../nbs/10_report.ipynb #85d453ec
 def pointwise_summary(run, scores:dict, features:str) -> dict:
     """What a run's report shows of its per-point results (from its `scores_pairs.csv` and the per-point `scores`): `text` (a paragraph),
     `table` (the most memorised candidates with their uncertainty), `figures` and `metrics` (`memssl.pointwise.pointwise_metrics`)."""
@@ -220,7 +220,7 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     if 'reliability_curve' in pm: figs.append(plot_reliability({features: pd.DataFrame(pm['reliability_curve'])}))
     return dict(text='\n\n'.join(lines), table=table.round(5), figures=figs, metrics=pm)
 
-# %% ../nbs/10_report.ipynb #8c533eed
+# %% ../nbs/10_report.ipynb #0242b90f
 from .io import machine_label
 
 def run_source(r) -> str:
@@ -301,17 +301,19 @@ def limits_verdicts(T:pd.DataFrame) -> dict:
         seeds = sorted(set(b.seed) & set(s.seed))
         if not seeds: continue
         bi, si = b.groupby('seed').first().loc[seeds], s.groupby('seed').first().loc[seeds]
-        def diff(c):
-            x = (si[c] - bi[c]).dropna() if c in si and c in bi else pd.Series(dtype=float)
-            return x, (float(x.mean()) if len(x) else np.nan), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan)
+        tasks = [c[len('linear_'):] for c in limit_metrics(T) if c.startswith('linear_')]
+        diffs = {}
+        def diff(c):                                     # per-seed differences of column c, their mean and standard error (computed once)
+            if c not in diffs:
+                x = (si[c] - bi[c]).dropna() if c in si and c in bi else pd.Series(dtype=float)
+                diffs[c] = x, (float(x.mean()) if len(x) else np.nan), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan)
+            return diffs[c]
         xm, dm, sem = diff('sslmem_C'); xl, dl, sel = diff('linear')
         v = dict(setting=s.setting.iloc[0], baseline=b.setting.iloc[0], n_seeds=len(seeds), d_sslmem=dm, d_linear=dl, se_linear=sel,
                  d_knn=diff('knn')[1], d_auroc=diff('mi_auroc')[1],
-                 tasks={c[len('linear_'):]: dict(d_linear=diff(c)[1], d_knn=diff('knn_' + c[len('linear_'):])[1], n_seeds=len(diff(c)[0]))
-                        for c in limit_metrics(T) if c.startswith('linear_')})
+                 tasks={t: dict(d_linear=diff(f'linear_{t}')[1], d_knn=diff(f'knn_{t}')[1], n_seeds=len(diff(f'linear_{t}')[0])) for t in tasks})
         if len(seeds) >= 2:
             p_mem = float(stats.ttest_1samp(xm, 0, alternative='less').pvalue)
-            tasks = [c[len('linear_'):] for c in limit_metrics(T) if c.startswith('linear_')]
             down = []
             for c in ['linear', 'knn'] + [f'{k}_{t}' for t in tasks for k in ('linear', 'knn')]:
                 x, dd, se = diff(c)
@@ -319,7 +321,8 @@ def limits_verdicts(T:pd.DataFrame) -> dict:
                 pl, ph = (float(stats.ttest_1samp(x, 0, alternative=a).pvalue) for a in ('less', 'greater'))
                 down.append(dict(measure=c, n_seeds=len(x), d=dd, se=se, p_lower=pl, lower=bool(pl < 0.05), higher=bool(ph < 0.05)))
             n_low, n_high = sum(x['lower'] for x in down), sum(x['higher'] for x in down)
-            v.update(se=sem, p_mem=p_mem, p_linear=down[0]['p_lower'], lower_mem=bool(p_mem < 0.05), downstream=down,
+            v.update(se=sem, p_mem=p_mem, p_linear=next((x['p_lower'] for x in down if x['measure'] == 'linear'), np.nan),
+                     lower_mem=bool(p_mem < 0.05), downstream=down,
                      lower_acc=bool(down) and 2 * n_low >= len(down) and n_high == 0,
                      rule='paired t-tests over seeds (p < 0.05): SSLMem lower; downstream lower on at least half of the measures and higher on none')
         else:
