@@ -8,7 +8,7 @@ __all__ = ['ORDER', 'COLORS', 'LABELS', 'FAMILY_ORDER', 'plot_score_hist', 'plot
            'plot_reliability', 'pointwise_summary', 'run_source', 'limit_setting', 'limits_table', 'limit_metrics',
            'limits_summary', 'limits_verdicts']
 
-# %% ../nbs/10_report.ipynb #9fa91b6f
+# %% ../nbs/10_report.ipynb #d607b047
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -19,7 +19,7 @@ COLORS = {'candidates': '#d62728', 'shared': '#7f7f7f', 'extra': '#1f77b4', 'ind
 LABELS = {'candidates': 'candidates $S_C$ (f only)', 'shared': 'shared $S_S$ (both)',
           'extra': 'extra $S_E$ (neither)', 'independent': 'independent $S_I$ (g only)'}
 
-# %% ../nbs/10_report.ipynb #a9cbc66b
+# %% ../nbs/10_report.ipynb #08f6723a
 def plot_score_hist(scores:pd.DataFrame, score:str='sslmem', ax=None, title:str|None=None, bins:int=40):
     "Distribution of a score per set, with each set's mean as a dashed line."
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
@@ -129,7 +129,7 @@ def plot_history(histories:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #b4cd01fe
+# %% ../nbs/10_report.ipynb #320dcede
 def plot_across_runs(runs:list, score:str='sslmem_centered'):
     "Mean score per set (± standard error) for each run: does the ordering C > S ≈ E > I hold across runs?"
     fig, ax = plt.subplots(figsize=(10, 0.4 * len(runs) + 1.6))
@@ -147,7 +147,7 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #51de1ce9
+# %% ../nbs/10_report.ipynb #175f2c2b
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
     "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
     c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
@@ -177,7 +177,7 @@ def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_report.ipynb #85d453ec
+# %% ../nbs/10_report.ipynb #69efd246
 def pointwise_summary(run, scores:dict, features:str) -> dict:
     """What a run's report shows of its per-point results (from its `scores_pairs.csv` and the per-point `scores`): `text` (a paragraph),
     `table` (the most memorised candidates with their uncertainty), `figures` and `metrics` (`memssl.pointwise.pointwise_metrics`)."""
@@ -220,7 +220,7 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     if 'reliability_curve' in pm: figs.append(plot_reliability({features: pd.DataFrame(pm['reliability_curve'])}))
     return dict(text='\n\n'.join(lines), table=table.round(5), figures=figs, metrics=pm)
 
-# %% ../nbs/10_report.ipynb #0242b90f
+# %% ../nbs/10_report.ipynb #13394e58
 from .io import machine_label
 
 def run_source(r) -> str:
@@ -248,7 +248,7 @@ def limits_table(runs:list) -> pd.DataFrame:
         hist = r.history('f')
         t = r.tests[r.tests['features'] == m['score_features']] if 'features' in r.tests else r.tests
         t = t.set_index('test')['welch_p'] if len(t) else pd.Series(dtype=float)
-        row = dict(setting=label, family=fam, strength=strength, seed=int(r.params.get('seed', 0)),
+        row = dict(setting=label, family=fam, strength=strength, seed=int(r.params.get('seed', 0)), norm=r.params.get('norm', 'batch'),
                    epsilon_spent=float(hist['epsilon'].iloc[-1]) if 'epsilon' in hist else np.nan,
                    sslmem_C=c.mean(), se_C=c.std() / np.sqrt(len(c)), sslmem_E=e.mean(), highly=float((c > np.quantile(e, 0.95)).mean()),
                    p_CE=float(t.get('C > E', np.nan)),
