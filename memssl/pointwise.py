@@ -8,7 +8,7 @@ __all__ = ['PAIR_KEY', 'POINT_COLUMNS', 'LIRA_PER_POINT_MIN_PAIRS', 'PointwiseEr
            'split_half', 'membership_lira', 'tpr_at_fpr', 'membership_report', 'membership_by_sslmem', 'point_scores',
            'pointwise_metrics', 'canary_table']
 
-# %% ../nbs/18_pointwise.ipynb #e23c34e8
+# %% ../nbs/18_pointwise.ipynb #68bec8eb
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -18,7 +18,7 @@ from .memorization import FEATURES
 class PointwiseError(ValueError):
     "Per-point statistics asked of tables that cannot give them."
 
-# %% ../nbs/18_pointwise.ipynb #b202adde
+# %% ../nbs/18_pointwise.ipynb #edc12ec6
 PAIR_KEY = ['features', 'split', 'idx']
 
 def stack_pairs(tables) -> pd.DataFrame:
@@ -53,7 +53,7 @@ def point_estimates(per_pair, features=None) -> pd.DataFrame:
     out = out.reset_index()
     return out[['features', 'idx', 'split'] + [c for c in out.columns if c not in ('features', 'idx', 'split')]]
 
-# %% ../nbs/18_pointwise.ipynb #677224b7
+# %% ../nbs/18_pointwise.ipynb #10c15ea2
 def benjamini_hochberg(p) -> np.ndarray:
     "Benjamini-Hochberg adjusted p-values (q-values) of `p`, in its order."
     p = np.asarray(p, dtype=float)
@@ -93,7 +93,7 @@ def memorised_at_fdr(est:pd.DataFrame, fdr:float=0.1, role:str='candidates', p:s
     rows['memorised'] = rows['q_value'] <= fdr
     return rows
 
-# %% ../nbs/18_pointwise.ipynb #e25ef22b
+# %% ../nbs/18_pointwise.ipynb #e50ac8d7
 def spearman_brown(r:float, n:float) -> float:
     "Predicted reliability of the mean of `n` replicates whose pairwise correlation is `r`: n r / (1 + (n - 1) r)."
     den = 1 + (n - 1) * r
@@ -132,7 +132,7 @@ def split_half(per_pair, features:str='projector_norm', role:str='candidates', n
     return dict(features=features, role=role, n_pairs=R, n_points=int(last['n_points']), half=int(last['k']), r_half=float(last['r']),
                 r_full=spearman_brown(float(last['r']), R / last['k']), r_one_pair=r1)
 
-# %% ../nbs/18_pointwise.ipynb #44e7dc2b
+# %% ../nbs/18_pointwise.ipynb #1597a653
 def _align_table(per_pair, features:str) -> pd.DataFrame:
     df = stack_pairs(per_pair)
     df = df[(df['features'] == features) & df['split'].isin(['candidates', 'independent'])]
@@ -218,7 +218,7 @@ def membership_by_sslmem(per_pair, features:str='projector_norm', bins:int=5) ->
                          auroc=roc_auc_score(d['member'], d['llr']) if d['member'].nunique() == 2 else float('nan')))
     return pd.DataFrame(rows)
 
-# %% ../nbs/18_pointwise.ipynb #8262d863
+# %% ../nbs/18_pointwise.ipynb #f41208be
 from .memorization import add_normalisations, center_scores
 
 POINT_COLUMNS = ['n_pairs', 'sslmem_se', 'p_value', 'p_normal', 'q_value', 'memorised']
@@ -267,6 +267,8 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
                 ratio = per_pair.assign(sslmem=(per_pair['align_g'] - per_pair['align_f']) / (per_pair['align_g'] + per_pair['align_f']).where(lambda x: x > 0))
                 d['reliability_ratio'] = split_half(ratio, v)
             d['reliability_curve'] = reliability_curve(per_pair, v)[['k', 'r', 'r_sd']].to_dict('records')
+            if (e['split'] == 'extra').sum() >= 3:            # the same on points no encoder trained on: what is reproducible without memorisation
+                d['reliability_extra'] = split_half(per_pair, v, role='extra')
             if (e['split'] == 'independent').any():
                 mr = membership_report(per_pair, v).iloc[0]
                 d['membership'] = {k: (int(mr[k]) if k in ('targets', 'members', 'non_members') else _num(mr[k]))
@@ -283,7 +285,7 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
         out[v] = d
     return out
 
-# %% ../nbs/18_pointwise.ipynb #e78b21e8
+# %% ../nbs/18_pointwise.ipynb #2a78f3a5
 def canary_table(scores:pd.DataFrame, canaries:pd.DataFrame) -> pd.DataFrame:
     """Per canary kind: `n`, `auroc` (planted canaries' mean SSLMem against the real candidates'), `median_rank` among candidates and
     planted canaries (1 = highest), `rises` (share of canaries scoring higher planted than not planted: the paired check, where every
