@@ -6,11 +6,11 @@
 __all__ = ['SIGNED_ACTIVATIONS', 'LAYERS_DEFAULTS', 'LAYERS_RECORD_FILES', 'LayerError', 'layer_names', 'resolve_layers', 'pool',
            'layer_features', 'view_batches', 'layermem_scores', 'mlp_activation', 'unit_layer_names',
            'unit_activations', 'unitmem', 'source_sslmem_run', 'check_layers_param', 'validate_layers_params',
-           'LayersRun', 'start_layers_run', 'layers_inputs', 'run_layermem', 'run_unitmem', 'layer_summary',
-           'unit_summary', 'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run', 'layers_table',
-           'plot_layermem', 'plot_unitmem']
+           'LayersRun', 'start_layers_run', 'layers_inputs', 'run_layermem', 'random_twin', 'run_unitmem',
+           'layer_summary', 'unit_summary', 'finish_layers_run', 'LayersResult', 'record_summary', 'record_layers_run',
+           'layers_table', 'plot_layermem', 'plot_unitmem']
 
-# %% ../nbs/19_layers.ipynb #61a08e18
+# %% ../nbs/19_layers.ipynb #1b62a5bf
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +24,7 @@ from .models import Encoder, SmallCNN, ResNet9
 class LayerError(ValueError):
     "Layers asked of a model that does not have them, or activations UnitMem cannot use."
 
-# %% ../nbs/19_layers.ipynb #717728d9
+# %% ../nbs/19_layers.ipynb #227704ea
 def layer_names(model:nn.Module) -> list:
     "The names of the blocks whose outputs are `model`'s layers, input side first (an `Encoder`: its backbone's, then `projector`)."
     if isinstance(model, Encoder):
@@ -52,7 +52,7 @@ def resolve_layers(model:nn.Module, layers=None) -> list:
     if not names: raise LayerError('no layers given')
     return names
 
-# %% ../nbs/19_layers.ipynb #ab9eaf7f
+# %% ../nbs/19_layers.ipynb #fd96dac2
 def pool(out:torch.Tensor) -> torch.Tensor:
     "A block's output pooled to `(B, D)`: mean over the spatial positions `(B, C, H, W)` or the tokens `(B, T, D)`."
     if isinstance(out, (tuple, list)): out = out[0]
@@ -78,7 +78,7 @@ def layer_features(model:nn.Module, x:torch.Tensor, layers=None, positive=()) ->
         for h in hooks: h.remove()
     return {n: out[n] for n in names}
 
-# %% ../nbs/19_layers.ipynb #640e519d
+# %% ../nbs/19_layers.ipynb #3f92a0cd
 def view_batches(images:torch.Tensor, view_config:ViewConfig, n_views:int, batch_size:int, seed:int, device='cpu'):
     """Batches `(B, K, views (B*K, C, S, S))` of `n_views` views of each image, every view drawn up front from `seed` as
     `memorization.alignment_scores` draws them, so LayerMem and UnitMem see the views SSLMem's scorer sees."""
@@ -118,7 +118,7 @@ def layermem_scores(f:nn.Module, g:nn.Module,
         rows.append(pd.DataFrame(dict(layer=n, depth=d, idx=indices, align_f=af, align_g=ag, sslmem=ag - af)))
     return pd.concat(rows, ignore_index=True)
 
-# %% ../nbs/19_layers.ipynb #bb68f28c
+# %% ../nbs/19_layers.ipynb #b80aeab9
 SIGNED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.LeakyReLU)
 
 def mlp_activation(mods:dict, block:str) -> str|None:
@@ -170,7 +170,7 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
     um = np.divide(top - rest, den, out=np.zeros_like(top), where=den > 0)   # a unit silent on every point scores 0
     return pd.DataFrame(dict(layer=layer, unit=np.arange(mu.shape[1]), unitmem=um, mu_max=top, mu_rest=rest, argmax=indices[am]))
 
-# %% ../nbs/19_layers.ipynb #354820da
+# %% ../nbs/19_layers.ipynb #e0dcf187
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
@@ -233,7 +233,7 @@ def start_layers_run(params:dict) -> LayersRun:
     src = read_json(Path(p['source_run']) / 'params.json', 'params file')
     return claim_run(run, experiment='layers', source=dict(dir=p['source_run'], params_id=src.get('params_id'), git_commit=src.get('git_commit')))
 
-# %% ../nbs/19_layers.ipynb #f6fe0cd3
+# %% ../nbs/19_layers.ipynb #a891c90a
 def layers_inputs(run:Run, whole=()) -> dict:
     """The source run's data, split, views, pairs (checked against the split) and the points to score with their labels: at most
     `max_points` per set, except the sets named in `whole`. Any run whose parameters hold `source_run`, `device`, `seed` and `max_points`."""
@@ -267,21 +267,28 @@ def run_layermem(run:LayersRun, inp:dict) -> pd.DataFrame:
     atomic_write_text(run.path('layermem.csv'), lm.to_csv(index=False))
     return lm
 
+def random_twin(f:nn.Module, seed:int) -> nn.Module:
+    "A randomly initialised encoder of `f`'s architecture (the same config), seeded: the null of what units do before any training."
+    torch.manual_seed(seed)
+    return Encoder(f.config)
+
 def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
-    "UnitMem of the first pair's f on the candidates and on the extra set (the null); writes `unitmem.csv`."
+    """UnitMem of the first pair's f on the candidates and on the extra set (the null of unseen points), and of a randomly initialised
+    encoder of f's architecture on the candidates (the null of no training); writes `unitmem.csv` (`encoder` is 'f' or 'random')."""
     p, f, out = run.params, inp['pairs'][0][0], []
     names = p['layers'] or unit_layer_names(f)       # the backbone's blocks (a ViT: each block's MLP units); the head's output is signed
     with run.timed('unitmem'):
-        for r in ('candidates', 'extra'):
-            if r not in inp['points']: raise RunError(f'UnitMem compares candidates with the extra set; the source split has no {r}')
-            ims, ix = inp['points'][r]
-            for layer, mu in unit_activations(f, ims, inp['views'], p['unit_views'], names, p['batch_size'], p['seed'], run.device).items():
-                out.append(unitmem(mu, ix, layer).assign(role=r))
+        for enc, name, roles in ((f, 'f', ('candidates', 'extra')), (random_twin(f, p['seed'] + 12345), 'random', ('candidates',))):
+            for r in roles:
+                if r not in inp['points']: raise RunError(f'UnitMem compares candidates with the extra set; the source split has no {r}')
+                ims, ix = inp['points'][r]
+                for layer, mu in unit_activations(enc, ims, inp['views'], p['unit_views'], names, p['batch_size'], p['seed'], run.device).items():
+                    out.append(unitmem(mu, ix, layer).assign(role=r, encoder=name))
     um = pd.concat(out, ignore_index=True)
     atomic_write_text(run.path('unitmem.csv'), um.to_csv(index=False))
     return um
 
-# %% ../nbs/19_layers.ipynb #3372ee08
+# %% ../nbs/19_layers.ipynb #39fe76d2
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
     "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
     rows = []
@@ -301,13 +308,20 @@ def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
 def unit_summary(um:pd.DataFrame, sslmem:pd.Series|None=None, q:float=0.95, top:float=0.1) -> pd.DataFrame:
     """Per layer: units, UnitMem's mean and median on the candidates and on the null (extra), the share of units whose UnitMem on the
     candidates exceeds the null's `q` quantile over units, and for the `top` share of most memorising units the number of distinct points
-    they peak on and those points' mean SSLMem percentile among the candidates (`sslmem`: SSLMem by candidate index)."""
+    they peak on and those points' mean SSLMem percentile among the candidates (`sslmem`: SSLMem by candidate index). Where `um` has a
+    random encoder's rows (`encoder` == 'random'), also its mean and median on the candidates and `above_random`, the share of f's units
+    above its `q` quantile."""
     rows = []
+    rnd = um[um.encoder == 'random'] if 'encoder' in um else um.iloc[:0]
+    um = um[um.encoder == 'f'] if 'encoder' in um else um
     for layer, d in um.groupby('layer', sort=False):
         c, e = d[d.role == 'candidates'], d[d.role == 'extra']
         row = dict(layer=layer, units=len(c), mean_C=float(c.unitmem.mean()), median_C=float(c.unitmem.median()),
                    mean_E=float(e.unitmem.mean()), median_E=float(e.unitmem.median()),
                    above_null=float((c.unitmem > np.quantile(e.unitmem, q)).mean()) if len(e) else float('nan'))
+        x = rnd[(rnd.layer == layer) & (rnd.role == 'candidates')]
+        if len(x): row.update(mean_random=float(x.unitmem.mean()), median_random=float(x.unitmem.median()),
+                              above_random=float((c.unitmem > np.quantile(x.unitmem, q)).mean()))
         t = c.sort_values('unitmem', ascending=False).head(max(1, int(round(top * len(c)))))
         row['top_points'] = int(t.argmax.nunique())
         if sslmem is not None:
@@ -330,7 +344,7 @@ def finish_layers_run(run:LayersRun, lm:pd.DataFrame, um:pd.DataFrame, inp:dict)
 def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/19_layers.ipynb #1e857265
+# %% ../nbs/19_layers.ipynb #d798eca1
 class LayersResult:
     "The files of a complete layers run (or a recorded copy), loaded."
     def __init__(self, run_dir):
@@ -368,7 +382,7 @@ def record_layers_run(run_dir, dest, command:str) -> Path:
 register_kind(ExperimentKind('layers', 'layers.ipynb', validate_layers_params, LAYERS_DEFAULTS, LayersResult, 'runs/layers',
                              'LayerMem per block and UnitMem per unit of an SSLMem run\'s encoders (nothing trained)'))
 
-# %% ../nbs/19_layers.ipynb #bf04e0f9
+# %% ../nbs/19_layers.ipynb #13d8326c
 def layers_table(layers:pd.DataFrame):
     "The per-layer LayerMem summary as a compact table for reports: short headers, signed means, p-values in scientific notation."
     short = {'mean_candidates': 'mean C', 'mean_extra': 'mean E', 'mean_independent': 'mean I', 'mean_shared': 'mean S',
@@ -400,12 +414,20 @@ def plot_unitmem(um:pd.DataFrame, title:str=''):
     layers = list(dict.fromkeys(um['layer']))
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(layers)), 3.2))
     data, pos = [], []
+    enc = um['encoder'] if 'encoder' in um else pd.Series('f', index=um.index)
+    groups = [('f', 'candidates', '#c0392b'), ('f', 'extra', '#bbbbbb')] + ([('random', 'candidates', '#9ecae1')] if (enc == 'random').any() else [])
+    w = len(groups) + 1
+    colors = []
     for i, l in enumerate(layers):
-        for j, r in enumerate(('candidates', 'extra')):
-            data.append(um.loc[(um.layer == l) & (um.role == r), 'unitmem'].to_numpy()); pos.append(3 * i + j)
+        for j, (e, r, col) in enumerate(groups):
+            data.append(um.loc[(um.layer == l) & (um.role == r) & (enc == e), 'unitmem'].to_numpy()); pos.append(w * i + j); colors.append(col)
     b = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=False)
-    for k, patch in enumerate(b['boxes']): patch.set_facecolor('#c0392b' if k % 2 == 0 else '#bbbbbb')
-    ax.set_xticks([3 * i + 0.5 for i in range(len(layers))], layers, rotation=45, ha='right', fontsize=7)
-    ax.set_ylabel('UnitMem'); ax.set_title(title or 'UnitMem per unit: candidates (red) and the null (grey)', fontsize=9)
+    for patch, col in zip(b['boxes'], colors): patch.set_facecolor(col)
+    ax.set_xticks([w * i + (len(groups) - 1) / 2 for i in range(len(layers))], layers, rotation=45, ha='right', fontsize=7)
+    ax.set_ylabel('UnitMem'); ax.set_title(title or 'UnitMem per unit', fontsize=9)
+    from matplotlib.patches import Patch
+    names = {('f', 'candidates'): 'f, candidates', ('f', 'extra'): 'f, extra (the null)', ('random', 'candidates'): 'random encoder, candidates'}
+    ax.legend([Patch(facecolor=c) for _, _, c in groups], [names[(e, r)] for e, r, _ in groups], fontsize=7, frameon=False,
+              loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
