@@ -15,7 +15,7 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'ROLE_SETS', '
            'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary',
            'record_sslmem_run', 'method_table']
 
-# %% ../nbs/09_runs.ipynb #3f817af8
+# %% ../nbs/09_runs.ipynb #b0b46477
 import hashlib, inspect, json, time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -37,7 +37,7 @@ from .io import dist_info
 from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
-# %% ../nbs/09_runs.ipynb #2c1599af
+# %% ../nbs/09_runs.ipynb #67ccea6c
 DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
@@ -220,7 +220,7 @@ def params_id(p:dict) -> str:
     "A short hash of the parameters that decide a run's results."
     return hashlib.sha256(json.dumps(result_params(p), sort_keys=True).encode()).hexdigest()[:12]
 
-# %% ../nbs/09_runs.ipynb #265e95cc
+# %% ../nbs/09_runs.ipynb #8e3d1e51
 PRESETS = {
     'cpu': {                     # Fashion-MNIST-sized data on a small CPU: every method learns in minutes (measured in the book)
         'simclr': {},
@@ -280,7 +280,7 @@ def check_method_params(p:dict):
     if bad: raise RunError(f"method_params {bad} are not hyper-parameters of {p['method']!r}; it takes {[k for k in known if p['method'] != 'simclr' or k != 'temperature']}"
                            + (" (SimCLR's temperature is the parameter `temperature`)" if p['method'] == 'simclr' else ''))
 
-# %% ../nbs/09_runs.ipynb #4b276657
+# %% ../nbs/09_runs.ipynb #ae797273
 class Run:
     "A run directory and its validated parameters."
     def __init__(self, params:dict):
@@ -334,7 +334,7 @@ def complete_run(run:Run):
     set_status(run.dir, 'complete', timings=run.timings)
     release_dir(run.dir)
 
-# %% ../nbs/09_runs.ipynb #3643258e
+# %% ../nbs/09_runs.ipynb #ba9ad4c6
 def load_run_data(run:Run):
     "The train split and, where the dataset has one, the test split; records the fingerprint."
     p = run.params
@@ -636,7 +636,7 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     complete_run(run)
     return m
 
-# %% ../nbs/09_runs.ipynb #704a1885
+# %% ../nbs/09_runs.ipynb #14a0f214
 def is_complete(run_dir) -> bool:
     "A run is complete iff its `metrics.json` exists."
     return (Path(run_dir) / 'metrics.json').is_file()
@@ -684,12 +684,12 @@ def run_summary(runs:list) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/09_runs.ipynb #dd1b4498
+# %% ../nbs/09_runs.ipynb #f0a2373f
 from .io import ExperimentKind, register_kind
 register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS, RunResult, 'runs',
                              'SSLMem of f/g pairs trained here: set tests, per-point scores, probes'))
 
-# %% ../nbs/09_runs.ipynb #2633b5bc
+# %% ../nbs/09_runs.ipynb #cfb21655
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
 def record_sslmem_run(run_dir, dest, command:str) -> Path:
@@ -724,8 +724,9 @@ def method_table(runs:list, q:float=0.95) -> pd.DataFrame:
         row.update(n_pairs=int(p.get('n_pairs', 1)), coupled=bool(p.get('coupled', False)))
         pw = (m.get('pointwise') or {}).get(m['score_features'])
         if pw:                                           # runs of 2 or more pairs: per-point errors, reliability, FDR set, membership
-            mi, rel, rex = pw.get('membership') or {}, pw.get('reliability') or {}, pw.get('reliability_extra') or {}
-            row.update(r_one_pair=rel.get('r_one_pair'), r_half=rel.get('r_half'), r_extra=rex.get('r_one_pair'), median_se=pw.get('median_se'),
+            mi, rel, rex, rra = (pw.get(k) or {} for k in ('membership', 'reliability', 'reliability_extra', 'reliability_ratio'))
+            row.update(r_one_pair=rel.get('r_one_pair'), r_half=rel.get('r_half'), r_extra=rex.get('r_one_pair'), r_ratio=rra.get('r_one_pair'),
+                       median_se=pw.get('median_se'),
                        n_memorised=pw.get('n_memorised'), fraction_memorised=pw.get('fraction_memorised'), fdr=pw.get('fdr'),
                        mi_auroc=mi.get('auroc'), mi_tpr_1pct=mi.get('tpr_at_1pct'), mi_tpr_01pct=mi.get('tpr_at_01pct'))
         rows.append(row)
