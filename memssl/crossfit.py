@@ -278,8 +278,9 @@ from .pointwise import spearman_brown     # n r / (1 + (n - 1) r); defined with 
 def seed_reliability(per_seed,              # list of `crossfit_seed` tables (one per seed)
                      features=None,         # a variant, a list of them, or None for all
                      role:str='pool',       # which points: 'pool' or 'extra' (one row per point and pair)
+                     n_splits:int=50,       # random halvings of the seeds averaged for the split-half correlation
                      ) -> pd.DataFrame:
-    "Mean pairwise Pearson and Spearman correlation of per-point scores between seeds, and the Spearman-Brown reliability of their mean."
+    "Mean pairwise Pearson and Spearman correlation of per-point scores between seeds, the Spearman-Brown reliability of their mean, and the measured split-half correlation."
     df, feats = _pick_features(_stack(per_seed), features)
     df = df[df['role'] == role].assign(pair=lambda d: np.where(d['role'] == 'extra', d['fold'], -1))
     rows = []
@@ -292,8 +293,12 @@ def seed_reliability(per_seed,              # list of `crossfit_seed` tables (on
         iu = np.triu_indices(n, 1)
         pear = np.corrcoef(x, rowvar=False)[iu].mean()
         spear = (np.corrcoef(stats.rankdata(x, axis=0), rowvar=False)[iu]).mean()
+        k, rng = n // 2, np.random.default_rng(0)
+        halves = [rng.permutation(n) for _ in range(n_splits)] if n > 2 else [np.arange(2)]
+        half = float(np.mean([np.corrcoef(x[:, h[:k]].mean(1), x[:, h[k:2 * k]].mean(1))[0, 1] for h in halves]))
         rows.append(dict(features=v, n_seeds=n, n_points=m, pearson=pear, spearman=spear,
-                         reliability=spearman_brown(pear, n), reliability_spearman=spearman_brown(spear, n)))
+                         reliability=spearman_brown(pear, n), reliability_spearman=spearman_brown(spear, n),
+                         k_half=k, split_half=half))
     return pd.DataFrame(rows)
 
 # %% ../nbs/13_crossfit.ipynb #6fb4bc1e

@@ -8,7 +8,7 @@ __all__ = ['REMOVAL_DEFAULTS', 'REMOVAL_NON_RESULT', 'STRAT_COLORS', 'RECORD_FIL
            'canary_levers', 'memorised_summary', 'removal_plan', 'probe_all', 'retrain_and_probe', 'paired_tests',
            'seeds_needed', 'holm', 'atypicality_table', 'finish_removal_run', 'plot_removal', 'plot_canary_levers',
            'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult',
-           'list_removal_runs', 'record_run']
+           'list_removal_runs', 'refreshed_reliability', 'record_run']
 
 # %% ../nbs/14_removal.ipynb #6b22df39
 import json, os, time
@@ -498,12 +498,28 @@ def list_removal_runs(*roots) -> list:
 
 RECORD_FILES = ('params.json', 'metrics.json', 'sets.json', 'scores.csv', 'removal.csv', 'reliability.csv', 'atypicality.csv')
 
-def record_run(run_dir, dest, command:str, timings:dict|None=None) -> Path:
+def refreshed_reliability(r:RemovalResult) -> pd.DataFrame:
+    "The run's seed reliability recomputed from its per-seed scores with this version of `seed_reliability`; every value the run recorded must come out the same."
+    per_seed = r.per_seed()
+    if len(per_seed) < 2: raise RunError(f'{r.dir} has {len(per_seed)} per-seed score tables under crossfit/; the reliability needs at least 2')
+    new, old = seed_reliability(per_seed), r.reliability
+    for c in old.columns:
+        a, b = old[c].to_numpy(), new[c].to_numpy() if c in new else None
+        same = b is not None and len(a) == len(b) and (np.array_equal(a, b) if a.dtype == object else np.allclose(a, b, rtol=1e-9, atol=1e-12))
+        if not same: raise RunError(f"recomputing the reliability of {r.dir} changes its recorded column {c!r}: the scores or the code changed since the run")
+    return new
+
+def record_run(run_dir, dest, command:str, timings:dict|None=None,
+               refresh:bool=False) -> Path:      # True: recompute the reliability with this version (adds columns a run made by older code lacks)
     "Copy a complete removal run's small summary files (never checkpoints) to `dest`, with the commit, the command and its timings (default: from metrics.json)."
     r = RemovalResult(run_dir)
+    rel = refreshed_reliability(r) if refresh else None
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     for f in RECORD_FILES:
         if (r.dir / f).is_file(): atomic_write_text(dest / f, (r.dir / f).read_text())
+    if rel is not None:
+        atomic_write_text(dest / 'reliability.csv', rel.to_csv(index=False))
+        atomic_write_json(dest / 'metrics.json', {**r.metrics, 'reliability': _records(rel)})
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
                                                    machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
