@@ -542,9 +542,10 @@ def score_points(run:Run, split:Split, train:ImageData, test:ImageData|None) -> 
 def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageData|None, vc:ViewConfig, shard:bool=False) -> dict:
     """SSLMem of every set with every feature variant by each (f, g) of `pairs` (each on its own views), then per point the mean over the
     pairs, its standard error, p-values against the extra set and the memorised candidates at the run's `fdr` (`memssl.pointwise.point_scores`).
-    Writes `scores_pairs.csv` (every pair's scores), `scores.csv` and `scores_all.csv` (under torch.distributed with `shard`: scored by
+    Writes `scores_pairs.csv` (every pair's scores), `neighbours.csv` (each point's nearest extra points in pixels, at most 32 x 32;
+    not for streamed images), `scores.csv` and `scores_all.csv` (under torch.distributed with `shard`: scored by
     all processes, written by rank 0). Returns {variant: per-point table}."""
-    from memssl.pointwise import point_scores
+    from memssl.pointwise import point_scores, neighbour_table, NEIGHBOURS_K
     p = run.params
     imgs, idx, roles, labels = score_points(run, split, train, test)
     can = run_canaries(run)
@@ -564,6 +565,9 @@ def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageDat
     long = pd.concat(parts, ignore_index=True)
     res = point_scores(long, fdr=p.get('fdr', 0.1))
     if shard and dist_info()[0] > 0: return res                  # one writer
+    if (roles == 'extra').sum() > NEIGHBOURS_K and isinstance(imgs, torch.Tensor):   # each point's nearest extra points in pixels (memssl.pointwise)
+        small = torch.nn.functional.adaptive_avg_pool2d(imgs.float() / 255, (min(32, imgs.shape[2]), min(32, imgs.shape[3])))
+        atomic_write_text(run.path('neighbours.csv'), neighbour_table(idx, roles, small.flatten(1)).to_csv(index=False))
     atomic_write_text(run.path('scores_pairs.csv'), long.to_csv(index=False))
     atomic_write_text(run.path('scores.csv'), res[p['score_features']].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
@@ -625,7 +629,8 @@ def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=Non
     scores = pd.read_csv(run.path('scores.csv'))
     per_pair = pd.read_csv(run.path('scores_pairs.csv')) if run.path('scores_pairs.csv').is_file() else None
     every = pd.read_csv(run.path('scores_all.csv'))
-    pw = pointwise_metrics(per_pair, {v: d for v, d in every.groupby('features', sort=False)}, p.get('fdr', 0.1), run_canaries(run)) if per_pair is not None else {}
+    nb = pd.read_csv(run.path('neighbours.csv')) if run.path('neighbours.csv').is_file() else None
+    pw = pointwise_metrics(per_pair, {v: d for v, d in every.groupby('features', sort=False)}, p.get('fdr', 0.1), run_canaries(run), nb) if per_pair is not None else {}
     m = dict(params_id=params_id(p), score_features=p['score_features'],
              mean_sslmem={r: float(v) for r, v in scores.groupby('split')['sslmem'].mean().items()},
              n_scored={r: int(v) for r, v in scores.groupby('split').size().items()},
