@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['ORDER', 'COLORS', 'LABELS', 'FAMILY_ORDER', 'plot_score_hist', 'plot_alignment', 'plot_tests', 'image_grid',
            'plot_extremes', 'plot_class_means', 'plot_probes', 'plot_history', 'plot_across_runs', 'plot_memorised',
-           'plot_reliability', 'pointwise_summary', 'run_source', 'limit_setting', 'limits_table', 'limit_metrics',
-           'limits_summary', 'limits_verdicts']
+           'plot_reliability', 'pointwise_summary', 'run_source', 'machines_text', 'limit_setting', 'limits_table',
+           'limit_metrics', 'limits_summary', 'limits_verdicts']
 
 # %% ../nbs/10_report.ipynb #d607b047
 import numpy as np
@@ -227,6 +227,11 @@ def run_source(r) -> str:
     "'this build' or 'recorded (commit)', with the machine a run (or its record) names."
     m = (r.recorded or {}).get('machine') or r.meta.get('machine')
     return (f"recorded ({(r.recorded.get('git_commit') or '?')[:10]})" if r.recorded else 'this build') + f', {machine_label(m)}'
+
+def machines_text(runs) -> str:
+    "The machines `runs` were made on (from their records), most runs first: 'CPU A (3 runs); CPU B (1 run)'."
+    m = pd.Series([machine_label((r.recorded or {}).get('machine') or r.meta.get('machine')) for r in runs]).value_counts()
+    return '; '.join(f'{k} ({n} run{"s" if n > 1 else ""})' for k, n in m.items())
 
 def limit_setting(p:dict) -> tuple:
     "A run's limit from its parameters: (family, strength, label); families dp, cap, none-group, none."
