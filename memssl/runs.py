@@ -12,8 +12,8 @@ __all__ = ['DEFAULTS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'ROLE_SETS', '
            'method_hparams', 'parallel_of', 'pair_seed', 'pair_dir', 'pair_names', 'coupled_order',
            'plant_run_canaries', 'run_canaries', 'pair_training_sets', 'train_encoders', 'training_jobs',
            'load_encoders', 'load_pairs', 'score_points', 'score_pairs', 'score_run', 'available_tests',
-           'tests_all_variants', 'probe_run', 'finish_run', 'is_complete', 'RunResult', 'list_runs', 'run_summary',
-           'record_sslmem_run', 'method_table']
+           'tests_all_variants', 'probe_run', 'run_pointwise', 'finish_run', 'is_complete', 'RunResult', 'list_runs',
+           'run_summary', 'changed_values', 'record_sslmem_run', 'method_table']
 
 # %% ../nbs/09_runs.ipynb #b0b46477
 import hashlib, inspect, json, time
@@ -622,15 +622,22 @@ def probe_run(run:Run, f:Encoder, g:Encoder, train:ImageData, test:ImageData|Non
             out.setdefault('tasks', {})[dataset_label(d)] = {name: probe(enc, a, b, i, j) for name, enc in encoders}
     return out
 
+def run_pointwise(run) -> dict:
+    """The per-point summary (`memssl.pointwise.pointwise_metrics`) of a run's files: `scores_pairs.csv`, `scores_all.csv`, and
+    `canaries.csv` and `neighbours.csv` where present; {} for a run without per-pair scores. `run`: a `Run` or a `RunResult`."""
+    from memssl.pointwise import pointwise_metrics
+    d = Path(run.dir)
+    if not (d / 'scores_pairs.csv').is_file(): return {}
+    every = pd.read_csv(d / 'scores_all.csv')
+    nb = pd.read_csv(d / 'neighbours.csv') if (d / 'neighbours.csv').is_file() else None
+    return pointwise_metrics(pd.read_csv(d / 'scores_pairs.csv'), {v: x for v, x in every.groupby('features', sort=False)},
+                             run.params.get('fdr', 0.1), run_canaries(d), nb)
+
 def finish_run(run:Run, tests:pd.DataFrame, probes:dict, histories:dict|None=None) -> dict:
     "Write `metrics.json` (last, atomically; with the per-point summary of `memssl.pointwise.pointwise_metrics`) and mark the run complete."
-    from memssl.pointwise import pointwise_metrics
     p = run.params
     scores = pd.read_csv(run.path('scores.csv'))
-    per_pair = pd.read_csv(run.path('scores_pairs.csv')) if run.path('scores_pairs.csv').is_file() else None
-    every = pd.read_csv(run.path('scores_all.csv'))
-    nb = pd.read_csv(run.path('neighbours.csv')) if run.path('neighbours.csv').is_file() else None
-    pw = pointwise_metrics(per_pair, {v: d for v, d in every.groupby('features', sort=False)}, p.get('fdr', 0.1), run_canaries(run), nb) if per_pair is not None else {}
+    pw = run_pointwise(run)
     m = dict(params_id=params_id(p), score_features=p['score_features'],
              mean_sslmem={r: float(v) for r, v in scores.groupby('split')['sslmem'].mean().items()},
              n_scored={r: int(v) for r, v in scores.groupby('split').size().items()},
@@ -697,15 +704,39 @@ register_kind(ExperimentKind('sslmem', 'sslmem.ipynb', validate_params, DEFAULTS
 # %% ../nbs/09_runs.ipynb #cfb21655
 SSLMEM_RECORD_FILES = ('params.json', 'metrics.json', 'split.json', 'scores.csv')   # scores_all.csv stays behind (4x the size; its tests are in metrics.json)
 
-def record_sslmem_run(run_dir, dest, command:str) -> Path:
-    "Copy a complete SSLMem run's small files and histories (never checkpoints) to `dest`, with its commit, command and timings."
+def changed_values(old, new, at:str='', rtol:float=1e-9) -> list:
+    "Where `new` lacks or changes a value of `old` (nested dicts and lists; numbers within `rtol`): a list of 'path: old -> new'."
+    if isinstance(old, dict):
+        if not isinstance(new, dict): return [f'{at or "/"}: {type(old).__name__} -> {type(new).__name__}']
+        return [x for k, v in old.items() for x in (changed_values(v, new[k], f'{at}/{k}', rtol) if k in new else [f'{at}/{k}: missing'])]
+    if isinstance(old, list):
+        if not isinstance(new, list) or len(new) != len(old): return [f'{at}: list of {len(old)} -> {new if not isinstance(new, list) else len(new)}']
+        return [x for i, (a, b) in enumerate(zip(old, new)) for x in changed_values(a, b, f'{at}[{i}]', rtol)]
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return [] if np.isclose(old, new, rtol=rtol, atol=0, equal_nan=True) else [f'{at}: {old} -> {new}']
+    return [] if old == new else [f'{at}: {old!r} -> {new!r}']
+
+def record_sslmem_run(run_dir, dest, command:str, note:str|None=None,
+                      refresh:bool=False) -> Path:   # True: recompute the per-point summary with this version (adds what older code lacked)
+    """Copy a complete SSLMem run's small files and histories (never checkpoints) to `dest`, with its commit, command, timings and an
+    optional `note` shown with it. With `refresh`, the per-point summary is recomputed from the run's files by this version of memssl;
+    it must reproduce every value the run recorded, or nothing is written."""
     r = RunResult(run_dir)
+    metrics = r.metrics
+    if refresh:
+        pw = run_pointwise(r)
+        diff = changed_values(r.metrics.get('pointwise', {}), pw)
+        if diff: raise RunError(f'recomputing the per-point summary of {r.dir} changes {len(diff)} recorded values, e.g. {diff[0]}: '
+                                'the run\'s files or the statistics changed since it was made')
+        metrics = {**r.metrics, 'pointwise': pw}
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     for f in SSLMEM_RECORD_FILES: atomic_write_text(dest / f, (r.dir / f).read_text())
+    atomic_write_json(dest / 'metrics.json', metrics)
     for w in ('f', 'g'): atomic_write_json(dest / f'history_{w}.json', r.history(w).to_dict('records'))
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   machine=run_machine(r.meta), timings=r.metrics.get('timings')))
+                                                   machine=run_machine(r.meta), timings=r.metrics.get('timings'),
+                                                   **({'note': note} if note else {})))
     return dest
 
 def method_table(runs:list, q:float=0.95) -> pd.DataFrame:
