@@ -522,7 +522,8 @@ def record_run(run_dir, dest, command:str, timings:dict|None=None,
         atomic_write_json(dest / 'metrics.json', {**r.metrics, 'reliability': _records(rel)})
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
-                                                   machine=run_machine(r.meta), timings=timings or r.metrics.get('timings')))
+                                                   machine=run_machine(r.meta), timings=timings or r.metrics.get('timings'),
+                                                   **({'refreshed_by': git_commit()} if refresh else {})))
     return dest
 
 # %% ../nbs/14_removal.ipynb #d206da63

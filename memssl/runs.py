@@ -736,7 +736,7 @@ def record_sslmem_run(run_dir, dest, command:str, note:str|None=None,
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
                                                    machine=run_machine(r.meta), timings=r.metrics.get('timings'),
-                                                   **({'note': note} if note else {})))
+                                                   **({'note': note} if note else {}), **({'refreshed_by': git_commit()} if refresh else {})))
     return dest
 
 def method_table(runs:list, q:float=0.95) -> pd.DataFrame:
