@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .io import pick_device
+from .io import pick_device, exit_with_parent
 from .data import load_dataset
 from .splits import load_split
 from .io import dist_info, barrier, RunLocked
@@ -22,6 +22,7 @@ from .runs import (validate_params, start_run, Run, RunError, load_run_data, mak
 def init_distributed(device='auto') -> tuple:
     "Join the torchrun process group if there is one: (rank, world size, this process's device). gloo on CPUs, NCCL on GPUs."
     world = int(os.environ.get('WORLD_SIZE', '1'))
+    if 'TORCHELASTIC_RUN_ID' in os.environ: exit_with_parent()   # a rank of torchrun: it ends when the agent dies (see Files, devices and seeds)
     dev = pick_device(device)
     if world == 1 or torch.distributed.is_initialized(): return (*dist_info(), dev)
     local = int(os.environ.get('LOCAL_RANK', '0'))

@@ -257,13 +257,21 @@ def _fit_job(job:dict, queue=None, threads:int|None=None) -> list:
     if threads: torch.set_num_threads(threads)
     m = build_method(job['method'], job['encoder_config'], ViewConfig(**job['view_config']), init_seed=job['init_seed'], **job.get('hparams', {}))
     if job.get('sync_batchnorm'): m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)    # data-parallel on GPUs: one BatchNorm over all processes
-    parent = os.getppid()
-    def report(e, t, r):
-        if os.getppid() != parent: os._exit(3)        # the process that started us is gone: stop, never train on as an orphan
-        queue.put((job['name'], e, t, r))
-    cb = report if queue is not None else None
+    cb = (lambda e, t, r: queue.put(('epoch', job['name'], (e, t, r)))) if queue is not None else None
     return fit(m, job['images'], TrainConfig(**job['train_config']), job['out_dir'], device=job.get('device', 'cpu'),
                data_id=job.get('data_id', ''), provenance=job.get('provenance'), knn=job.get('knn'), progress=queue is None, callback=cb, desc=job['name'])
+
+def _fit_worker(job:dict, queue, threads:int, parent:int):
+    "A spawned trainer: dies with `parent`, trains `job`, and sends ('done', name, history) or ('error', name, (exception, traceback))."
+    from memssl.io import exit_with_parent
+    exit_with_parent(parent)
+    try: queue.put(('done', job['name'], _fit_job(job, queue, threads)))
+    except BaseException as e:
+        import pickle, traceback
+        tb = traceback.format_exc()
+        try: pickle.dumps(e)
+        except Exception: e = RuntimeError(f'{type(e).__name__}: {e}')
+        queue.put(('error', job['name'], (e, tb)))
 
 def fit_many(jobs:list,               # dicts: name, method, encoder_config, view_config, init_seed, images, train_config, out_dir, ...
              parallel:bool|None=None, # None: in parallel processes on a CPU with >= 2 cores and >= 2 jobs
@@ -272,18 +280,35 @@ def fit_many(jobs:list,               # dicts: name, method, encoder_config, vie
     on_cpu = all(str(j.get('device', 'cpu')).startswith('cpu') for j in jobs)
     if parallel is None: parallel = on_cpu and len(jobs) > 1 and (os.cpu_count() or 1) >= 2
     if not parallel: return {j['name']: _fit_job(j) for j in jobs}
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from memssl.train import _fit_job as worker     # importable by the spawned processes (also when this runs in a notebook)
+    import multiprocessing as mp, queue as queue_mod
+    from memssl.train import _fit_worker as worker  # importable by the spawned processes (also when this runs in a notebook)
     ctx = mp.get_context('spawn')
     threads = max(1, (os.cpu_count() or 2) // len(jobs))
-    with ctx.Manager() as manager, ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
-        q = manager.Queue()
-        futs = {j['name']: pool.submit(worker, j, q, threads) for j in jobs}
-        bars = EpochProgress({j['name']: TrainConfig(**j['train_config']).epochs for j in jobs})
-        while not all(f.done() for f in futs.values()) or not q.empty():
-            try: name, e, t, rec = q.get(timeout=0.5)
-            except Exception: continue
-            bars.update(name, e, rec)
+    q = ctx.Queue()
+    procs = {j['name']: ctx.Process(target=worker, args=(j, q, threads, os.getpid()), name=f"memssl-train-{j['name']}") for j in jobs}
+    bars = EpochProgress({j['name']: TrainConfig(**j['train_config']).epochs for j in jobs})
+    results = {}
+    try:
+        for p in procs.values(): p.start()
+        while len(results) < len(procs):
+            try: kind, name, payload = q.get(timeout=0.5)
+            except queue_mod.Empty:
+                gone = [n for n, p in procs.items() if n not in results and not p.is_alive()]
+                if gone and q.empty():                  # a trainer that said nothing before it ended: killed, or out of memory
+                    time.sleep(0.5)                     # (its last message may still be in the pipe)
+                    if q.empty(): raise RuntimeError(f'training job {gone[0]!r} ended without a result (exit status {procs[gone[0]].exitcode}; killed, or out of memory?)')
+                continue
+            if kind == 'epoch': bars.update(name, *payload[::2])
+            elif kind == 'done': results[name] = payload
+            else:
+                e, tb = payload
+                e.add_note(f'in training job {name!r}, whose traceback was:\n{tb}')
+                raise e
         bars.close()
-        return {name: f.result() for name, f in futs.items()}   # re-raises a job's exception
+        return {j['name']: results[j['name']] for j in jobs}
+    finally:                                            # a failure here or in a job: stop the others (their checkpoints resume)
+        for p in procs.values():
+            if p.is_alive(): p.terminate()
+        for p in procs.values():
+            if p.pid is not None: p.join(10)
+        q.close(); q.join_thread()
