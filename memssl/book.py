@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['clean_library_notebook', 'library_stamp', 'prepare_library', 'LibraryCheckFailed', 'execute_library', 'expand_toc',
-           'build_book', 'main']
+           'build_noise', 'build_book', 'main']
 
 # %% ../nbs/12_book.ipynb #c004
 import hashlib, json, re, shutil, subprocess, sys, time
@@ -115,6 +115,13 @@ def expand_toc(toc:dict, root:Path) -> dict:
     return toc
 
 # %% ../nbs/12_book.ipynb #c009
+_NOISE = re.compile(r'^(myst(-nb)? v[\w.]+: \w+Config\(|.*Kernel is running over TCP without encryption)')
+
+def build_noise(line:str) -> bool:
+    """A line of jupyter-book's output that says nothing to a reader: myst's and myst-nb's configuration dumps (one very long
+    line each, printed on every build) and the kernels' warning that TCP is not encrypted (their sockets are bound to this machine)."""
+    return bool(_NOISE.match(re.sub(r'\x1b\[[0-9;]*m', '', line)))       # (sphinx colours the name on a terminal)
+
 def build_book(root='.', strict:bool=True, builder:str='html') -> Path:
     "Prepare the library pages and build the book with jupyter-book (warnings are errors when `strict`)."
     root = Path(root).resolve()
@@ -127,11 +134,9 @@ def build_book(root='.', strict:bool=True, builder:str='html') -> Path:
     jb = Path(sys.executable).parent / 'jupyter-book'
     cmd = [str(jb) if jb.exists() else 'jupyter-book', 'build', str(root), '--toc', str(root / '_build' / 'toc.yml'),
            '--builder', builder] + (['-W', '-n', '--keep-going'] if strict else [])
-    # jupyter-book starts a TCP kernel per results page, and each kernel warns that TCP is not encrypted (its sockets are bound
-    # to this machine only): that one line is dropped from the build's output, everything else is passed on as it comes
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
-        if 'Kernel is running over TCP without encryption' not in line: sys.stdout.write(line); sys.stdout.flush()
+        if not build_noise(line): sys.stdout.write(line); sys.stdout.flush()
     r = proc.wait()
     if r: raise RuntimeError(f'jupyter-book build failed (exit {r}); see the output above and _build/html/reports/')
     return root / '_build' / 'html'
