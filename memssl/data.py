@@ -501,11 +501,12 @@ def load_dataset(name: str,  # a `DATASETS` name, or 'npz:PATH' / 'folder:PATH'
                  root=None,  # data root; None: `default_data_root()`
                  split: str = 'train',  # 'train' or 'test'
                  download: bool = False,  # allow torchvision to download (needs internet)
-                 verify: bool = True,  # keep torchvision's md5 checks; False: only check files exist
+                 verify: bool | None = None,  # keep torchvision's md5 checks; False: only check files exist; None: True unless $MEMSSL_VERIFY_DATA=0
                  stream: bool | None = None,  # folder: keep images on disk; None: above `stream_threshold()` bytes of pixels
                 ) -> ImageData:
     "Load split `split` of dataset `name` as uint8 (N, C, H, W) images (a tensor, or `LazyImages` that stream) and int64 labels."
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if verify is None: verify = os.environ.get('MEMSSL_VERIFY_DATA', '1') != '0'   # 0: own copies of official files (the format is still checked)
     prefix, _, path = name.partition(':')
     if stream and not (path and prefix in STREAMING):
         raise ValueError(f'{name} cannot stream: only {", ".join(p + ":PATH" for p in STREAMING)} datasets stay on disk '

@@ -79,7 +79,8 @@ PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibrati
          'book/layers.html', 'runs/layers/tiny/report.html', 'book/pointwise.html', 'book/library/19_layers.html',
          'book/limits.html', 'runs/dejavu/tiny/report.html', 'runs/labelmem/tiny/report.html', 'book/library/20_compare.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
-         'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html']
+         'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html',
+         'book/guide.html', 'book/glossary.html']
 
 
 @pytest.mark.parametrize('page', PAGES)
@@ -150,16 +151,41 @@ def test_formulas_are_typeset_offline(book, tmp_path):
 
 
 def test_claims_page_reads_the_runs(book):
-    "Each claim of the paper sits next to numbers read from the runs, and says whether it agrees."
+    "A scoreboard (one row per claim: verdict, deciding number, small figure), then a runs table per claim, all read from the runs."
     root, html = book
     text = (html / 'book/claims.html').read_text()
+    board = re.search(r'<table class="claims-board">(.*?)</table>', text, re.S)
+    assert board, 'no scoreboard'
+    rows = re.findall(r'<tr><td>(\d)</td>(.*?)</tr>', board.group(1), re.S)
+    assert [n for n, _ in rows] == list('1234567'), rows
+    for n, row in rows:
+        assert re.search(r'class="claim-verdict"[^>]*>(agrees|partly|not at this scale|disagrees|not measured)<', row), n
+    assert all('data:image/png;base64' in row for n, row in rows[:4]), 'claims 1-4 have their small figure (the tiny runs measure them)'
     assert 'tiny' in text                                   # the removal run's name, read from its files
-    for claim in ('1. A significant fraction', '2. Candidates score higher', '3. The most memorised', '4. Removing the most memorised'):
+    for claim in ('A significant fraction', 'Candidates score higher', 'The most memorised', 'Removing the most memorised',
+                  'Limiting alignment', 'SSLMem differs from DejaVu'):
         assert claim in text, claim
     assert 'not available: needs &gt;= 2 retraining seeds' not in text    # two retraining seeds: the test ran
-    assert 'p ' in text and 'detectable' in text
-    assert '5. Limiting alignment' in text and '6. SSLMem differs from DejaVu' in text
+    assert 'Holm p' in text and 'detectable (points)' in text
     assert re.search(r'f alone right \d+\.\d%', text) and re.search(r'label memorisation \(\d+ classifiers', text)   # row 6, from runs
+    assert text.count('class="claim-runs"') >= 6 and 'href="generalisation.html"' in text
+
+
+FOLD_SCRIPT = """<script>window.addEventListener('load', () => { const t = document.querySelector('table.claims-board');
+document.body.setAttribute('data-fold', JSON.stringify([Math.round(t.getBoundingClientRect().bottom), window.innerHeight])); });</script>"""
+
+
+def test_claims_scoreboard_fits_above_the_fold(book, tmp_path):
+    "In a 1,400 x 1,000 window the whole scoreboard is visible without scrolling."
+    import json
+    root, html = book
+    copy = tmp_path / 'html'
+    shutil.copytree(html, copy)
+    page = copy / 'book' / 'claims.html'
+    page.write_text(page.read_text().replace('</body>', FOLD_SCRIPT + '</body>'))
+    dom = chromium('--window-size=1400,1000', '--dump-dom', page.as_uri(), profile=tmp_path / 'profile').stdout
+    bottom, height = json.loads(re.search(r'data-fold="([^"]+)"', dom).group(1).replace('&quot;', '"'))
+    assert bottom <= height, f'the scoreboard ends at {bottom} px, below the {height} px window'
 
 
 def test_methods_page_shows_every_recorded_method(book):
