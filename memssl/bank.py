@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DESIGNS', 'SETS', 'BankError', 'pair_halves', 'bank_membership', 'Bank', 'bank_estimates', 'run_bank', 'main']
 
-# %% ../nbs/21_bank.ipynb #346d480e
+# %% ../nbs/21_bank.ipynb #8456f83e
 import json, time
 from pathlib import Path
 
@@ -43,7 +43,7 @@ def bank_membership(sets, n_pairs:int, seed:int=0, design:str='redrawn') -> np.n
         M[2 * r, pool], M[2 * r + 1, pool] = h, ~h
     return M
 
-# %% ../nbs/21_bank.ipynb #8fc8936e
+# %% ../nbs/21_bank.ipynb #3256e674
 class Bank:
     "A bank in directory `path` (a run's `bank/`): `points`, `encoders`, `membership` and `alignment(variant)`."
     def __init__(self, path):
@@ -134,7 +134,7 @@ def _npy(a) -> bytes:
     import io
     buf = io.BytesIO(); np.save(buf, a); return buf.getvalue()
 
-# %% ../nbs/21_bank.ipynb #a12a6823
+# %% ../nbs/21_bank.ipynb #c2678e06
 def bank_estimates(bank:Bank, variant:str, n_draws:int=20, seed:int=0) -> tuple:
     "(per-point table, summary) of feature variant `variant` over the pairs of `bank` that are scored."
     from memssl.estimates import pair_differences, point_estimates, placebo_null, null_pvalues, benjamini_hochberg, split_half
@@ -155,7 +155,7 @@ def bank_estimates(bank:Bank, variant:str, n_draws:int=20, seed:int=0) -> tuple:
         summary['extra_raw'] = split_half(raw[:, extra], seed=seed)
     return t, summary
 
-# %% ../nbs/21_bank.ipynb #464bcaaf
+# %% ../nbs/21_bank.ipynb #7ca051c5
 def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
     "Train and score the bank of an SSLMem run's parameters with `design`; returns the summary per feature variant."
     import torch

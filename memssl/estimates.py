@@ -6,7 +6,7 @@
 __all__ = ['EstimateError', 'check_bank_matrices', 'pair_differences', 'point_estimates', 'placebo_null', 'benjamini_hochberg',
            'null_pvalues', 'spearman_brown', 'split_half', 'auroc', 'tpr_at_fpr']
 
-# %% ../nbs/22_estimates.ipynb #88b22fb6
+# %% ../nbs/22_estimates.ipynb #0b6c2ecc
 import numpy as np
 from scipy import stats
 
@@ -46,7 +46,7 @@ def point_estimates(A, M, pairs) -> dict:
         sd = np.sqrt(np.where(n > 1, np.nansum((d - est) ** 2, 0) / np.maximum(n - 1, 1), np.nan))
     return dict(estimate=est, se=sd / np.sqrt(np.maximum(n, 1)), n=n)
 
-# %% ../nbs/22_estimates.ipynb #8e0fed9d
+# %% ../nbs/22_estimates.ipynb #81fb89f0
 def placebo_null(raw_extra, n_draws:int=20, seed:int=0) -> np.ndarray:
     "Estimates of points that no encoder trained on, each pair's raw difference `raw_extra` (R, n_extra) given a random sign, `n_draws` times: (n_draws * n_extra,)."
     raw_extra = np.asarray(raw_extra, dtype=float)
@@ -73,7 +73,7 @@ def null_pvalues(x, null) -> np.ndarray:
     above = len(null) - np.searchsorted(null, x, side='left')                  # #{null >= x}
     return (1 + above) / (1 + len(null))
 
-# %% ../nbs/22_estimates.ipynb #bfcf4d1e
+# %% ../nbs/22_estimates.ipynb #11dac775
 def spearman_brown(r:float, n:float) -> float:
     "Predicted reliability of the mean of `n` replicates whose pairwise correlation is `r`: n r / (1 + (n - 1) r) (NaN where that is undefined)."
     den = 1 + (n - 1) * r
@@ -96,7 +96,7 @@ def split_half(X, n_draws:int=50, seed:int=0) -> dict:
     r_half = mean_r(k)
     return dict(r_half=r_half, r_full=spearman_brown(r_half, R / k), r_one=mean_r(1), k=k, n_replicates=R, n_points=n)
 
-# %% ../nbs/22_estimates.ipynb #aee5d573
+# %% ../nbs/22_estimates.ipynb #7c5d04b9
 def auroc(pos, neg) -> float:
     "The probability that a positive scores above a negative (ties count half): the Mann-Whitney U over the product of the sizes."
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
