@@ -185,11 +185,11 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
         if split.extra_from != 'train': raise BankError('a bank takes its extra points from the train split')
         pts = pd.concat([pd.DataFrame(dict(idx=split[s], set=n)) for s, n in (('shared', 'shared'), ('candidates', 'pool'),
                          ('independent', 'pool'), ('extra', 'extra'))], ignore_index=True)
-        pts['label'] = train.labels[pts['idx'].to_numpy()].numpy()
+        pts['label'] = train.labels.numpy()[pts['idx'].to_numpy()]
         bdir = run.path('bank')
         bank = Bank(bdir).grow(p['n_pairs']) if (bdir / 'bank.json').exists() else Bank.create(bdir, pts, p['n_pairs'], p['seed'], design)
         vc, ec = run_view_config(run, train), run_encoder_config(run, train)
-        idx_all = bank.points['idx'].to_numpy()
+        idx_all = bank.points['idx'].to_numpy().copy()                  # (writable: torch indexes with it)
         images = train.images[idx_all]
         labels = train.labels.numpy()
         t_train = t_score = 0.0
