@@ -420,7 +420,7 @@ def labelmem_summary(lm:pd.DataFrame, correct:np.ndarray, in_mask:np.ndarray, ex
     """The classifiers' accuracy on the points they trained on, on held-out pool points and on the extra set; the split-half
     reliability of the estimate (and its Spearman-Brown value for all classifiers); mean label memorisation per set; on the
     candidates, the Spearman correlation with SSLMem and the share of the top `q` by one that is in the top `q` by the other."""
-    from memssl.pointwise import spearman_brown
+    from memssl.estimates import spearman_brown
     c, m = np.asarray(correct, dtype=float), np.asarray(in_mask, dtype=bool)
     r = fz_split_half(correct, in_mask)
     cand = lm[(lm.split == 'candidates') & lm.mem.notna() & lm.sslmem.notna()].set_index('idx')

@@ -273,7 +273,7 @@ def select_scores(agg:pd.DataFrame, features:str, role:str='pool') -> pd.DataFra
     return rows.reset_index(drop=True)
 
 # %% ../nbs/13_crossfit.ipynb #51e24d47
-from .pointwise import spearman_brown     # n r / (1 + (n - 1) r); defined with the per-point statistics
+from .estimates import spearman_brown     # n r / (1 + (n - 1) r); one implementation, in the estimates module
 
 def seed_reliability(per_seed,              # list of `crossfit_seed` tables (one per seed)
                      features=None,         # a variant, a list of them, or None for all

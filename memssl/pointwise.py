@@ -4,10 +4,9 @@
 
 # %% auto #0
 __all__ = ['PAIR_KEY', 'NEIGHBOURS_K', 'POINT_COLUMNS', 'LIRA_PER_POINT_MIN_PAIRS', 'PointwiseError', 'stack_pairs',
-           'point_estimates', 'benjamini_hochberg', 'null_pvalues', 'memorised_at_fdr', 'spearman_brown',
-           'reliability_curve', 'split_half', 'membership_lira', 'tpr_at_fpr', 'membership_report',
-           'membership_by_sslmem', 'nearest_reference', 'neighbour_table', 'neighbourhood_residuals',
-           'neighbourhood_summary', 'point_scores', 'pointwise_metrics', 'canary_table']
+           'point_estimates', 'null_pvalues', 'memorised_at_fdr', 'reliability_curve', 'split_half', 'membership_lira',
+           'tpr_at_fpr', 'membership_report', 'membership_by_sslmem', 'nearest_reference', 'neighbour_table',
+           'neighbourhood_residuals', 'neighbourhood_summary', 'point_scores', 'pointwise_metrics', 'canary_table']
 
 # %% ../nbs/18_pointwise.ipynb #68bec8eb
 import numpy as np
@@ -55,16 +54,7 @@ def point_estimates(per_pair, features=None) -> pd.DataFrame:
     return out[['features', 'idx', 'split'] + [c for c in out.columns if c not in ('features', 'idx', 'split')]]
 
 # %% ../nbs/18_pointwise.ipynb #10c15ea2
-def benjamini_hochberg(p) -> np.ndarray:
-    "Benjamini-Hochberg adjusted p-values (q-values) of `p`, in its order."
-    p = np.asarray(p, dtype=float)
-    if p.ndim != 1 or len(p) == 0: raise PointwiseError(f'p-values must be a non-empty 1-D array, got shape {p.shape}')
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any(): raise PointwiseError('p-values must lie in [0, 1]')
-    m, order = len(p), np.argsort(p, kind='stable')
-    q = p[order] * m / np.arange(1, m + 1)
-    q = np.minimum.accumulate(q[::-1])[::-1].clip(max=1.0)
-    out = np.empty(m); out[order] = q
-    return out
+from .estimates import benjamini_hochberg        # one implementation, in the estimates module (library chapter Estimates from a bank)
 
 def null_pvalues(est:pd.DataFrame, null:str='extra', score:str='sslmem') -> pd.DataFrame:
     """Add to per-point estimates (one feature variant) the one-sided p-values of each point's mean `score` against the null
@@ -95,10 +85,7 @@ def memorised_at_fdr(est:pd.DataFrame, fdr:float=0.1, role:str='candidates', p:s
     return rows
 
 # %% ../nbs/18_pointwise.ipynb #e50ac8d7
-def spearman_brown(r:float, n:float) -> float:
-    "Predicted reliability of the mean of `n` replicates whose pairwise correlation is `r`: n r / (1 + (n - 1) r)."
-    den = 1 + (n - 1) * r
-    return n * r / den if den > 0 else float('nan')
+from .estimates import spearman_brown            # n r / (1 + (n - 1) r), in the estimates module
 
 def _wide(per_pair, features:str, role:str) -> np.ndarray:
     df = stack_pairs(per_pair)
