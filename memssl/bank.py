@@ -194,9 +194,10 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
         images = train.images[idx_all]
         labels = train.labels.numpy()
         t_train = t_score = 0.0
+        done = {int(a) // 2 for a, _ in bank.scored('projector_norm')}   # pairs scored before (projector_norm is written last)
+        pool = bank.points['set'].isin(['pool', 'canary']).to_numpy()
         for r in range(bank.n_pairs):
-            if (bank.scored('projector_norm') == [2 * r, 2 * r + 1]).all(1).any(): continue     # this pair is done
-            pool = bank.points['set'].isin(['pool', 'canary']).to_numpy()
+            if r in done: continue
             half = bank.membership[2 * r] & pool
             sp = Split({'shared': idx_all[bank.points['set'].to_numpy() == 'shared'], 'candidates': idx_all[half],
                         'independent': idx_all[pool & ~half]}, dataset=train.name, fingerprint=train.fingerprint, n_train=len(train))
