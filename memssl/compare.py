@@ -197,7 +197,7 @@ def classifier_correct(model:nn.Module, images:torch.Tensor, labels, view_config
 # %% ../nbs/20_compare.ipynb #c3fd16e9
 from .io import read_json, atomic_write_bytes, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
 from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, run_view_config
-from .runs import known_params, check_ints, check_destination
+from .runs import known_params, check_ints, check_destination, pair_roles
 from .data import load_dataset
 from .layers import source_sslmem_run, layers_inputs, record_summary
 
@@ -252,7 +252,7 @@ def run_dejavu(run:CompareRun, inp:dict) -> pd.DataFrame:
                 ims, ix = inp['points'][r]
                 d = dejavu_scores(f, g, ims, inp['labels'][r], ix, pub, pub_y, inp['views'], p['k'], p['crop_frac'], p['corner'],
                                   n_classes, p['features'], p['batch_size'], run.device)
-                out.append(d.assign(pair=k, split=r))
+                out.append(d.assign(pair=k, split=pair_roles(inp['source_run'], inp['source'].split, k, d['idx'].to_numpy(), np.full(len(d), r))))
     dv = pd.concat(out, ignore_index=True)
     atomic_write_text(run.path('dejavu.csv'), dv.to_csv(index=False))
     return dv

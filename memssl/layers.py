@@ -175,7 +175,7 @@ import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
 from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, known_params, check_ints, check_destination
-from .runs import load_encoders, run_view_config, run_canaries
+from .runs import load_encoders, run_view_config, run_canaries, pair_roles
 from .data import load_dataset
 from .memorization import set_tests
 from .splits import ROLES
@@ -252,17 +252,17 @@ def layers_inputs(run:Run, whole=()) -> dict:
         if len(ix) > run.params['max_points'] and r not in whole: ix = np.sort(rng.choice(ix, run.params['max_points'], replace=False))
         data = test if r == 'extra' and test is not None else train
         if len(ix): pts[r], labels[r] = (data.images[ix], ix), np.asarray(data.labels)[ix]
-    return dict(source=src, train=train, pairs=pairs, views=vc, points=pts, labels=labels)
+    return dict(source=src, train=train, pairs=pairs, views=vc, points=pts, labels=labels, source_run=srun)
 
 def run_layermem(run:LayersRun, inp:dict) -> pd.DataFrame:
-    "LayerMem of every pair on every set; writes `layermem.csv`."
+    "LayerMem of every pair on every set (pool points labelled by their role in each pair: `memssl.runs.pair_roles`); writes `layermem.csv`."
     p, out = run.params, []
     with run.timed('layermem'):
         for k, (f, g) in enumerate(inp['pairs']):
             for r, (ims, ix) in inp['points'].items():
                 d = layermem_scores(f, g, ims, ix, inp['views'], p['n_views'], p['layers'], batch_size=p['batch_size'], seed=p['seed'] + k,
                                     device=run.device)
-                out.append(d.assign(pair=k, split=r))
+                out.append(d.assign(pair=k, split=pair_roles(inp['source_run'], inp['source'].split, k, d['idx'].to_numpy(), np.full(len(d), r))))
     lm = pd.concat(out, ignore_index=True)[['pair', 'layer', 'depth', 'split', 'idx', 'align_f', 'align_g', 'sslmem']]
     atomic_write_text(run.path('layermem.csv'), lm.to_csv(index=False))
     return lm

@@ -149,7 +149,12 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
 
 # %% ../nbs/10_report.ipynb #175f2c2b
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
-    "Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour."
+    """Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour.
+    Scores with `estimate` (a redrawn design: `memssl.pointwise.pool_estimates`): every pool point's memorisation estimate instead."""
+    if 'estimate' in scores and scores['estimate'].notna().any():
+        c = scores[scores['estimate'].notna()].drop_duplicates('idx')
+        c = c.assign(sslmem=c['estimate'], sslmem_se=c['estimate_se'], split='candidates')
+        scores = pd.concat([c, scores[scores['split'] == 'extra']])
     c = scores[scores['split'] == 'candidates'].sort_values('sslmem').reset_index(drop=True)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3))
     x = np.arange(len(c))
@@ -187,10 +192,18 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     fdr = getattr(run, 'params', {}).get('fdr', 0.1)
     from memssl.runs import run_canaries
     can = run_canaries(d)
-    pm = pointwise_metrics(pd.read_csv(d / 'scores_pairs.csv'), scores, fdr, can)[features]
+    design = getattr(run, 'params', {}).get('design', 'fixed')
+    pm = pointwise_metrics(pd.read_csv(d / 'scores_pairs.csv'), scores, fdr, can, design=design)[features]
     s = scores[features]
     R, lines = pm['n_pairs'], []
-    if pm['n_memorised'] is not None and s['p_value'].notna().any():
+    redrawn = pm.get('design') == 'redrawn' and R > 1
+    if redrawn and s['p_value'].notna().any():
+        lines.append(f"**{pm['n_memorised']} of {pm['n_candidates']} pool points ({pm['fraction_memorised']:.1%}) are memorised at a false "
+                     f"discovery rate of {fdr:g}.** Membership was drawn afresh for each of the {R} pairs, so each pool point was a candidate "
+                     f"(f trained on it) in some pairs and an independent point (g did) in the others; its estimate is the mean over the pairs of the "
+                     f"alignment distance of the encoder that did not train on it minus that of the one that did. Its p-value is against the placebo "
+                     f"null: points no encoder trained on (the extra set), each pair's g - f given a random sign; Benjamini-Hochberg q <= {fdr:g}.")
+    elif pm['n_memorised'] is not None and s['p_value'].notna().any():
         lines.append(f"**{pm['n_memorised']} of {pm['n_candidates']} candidates ({pm['fraction_memorised']:.1%}) are memorised at a false "
                      f"discovery rate of {fdr:g}**: their mean SSLMem over the {R} pair{'s' if R > 1 else ''} is higher than a point no encoder "
                      f"trained on would score, with Benjamini-Hochberg q <= {fdr:g}. Calibration of the p-values: {pm['null_below_005']:.1%} "
@@ -200,9 +213,16 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
     else: lines.append(f"Median standard error of a candidate's score: {pm['median_se']:.4f}.")
     if 'reliability' in pm:
         rel = pm['reliability']
-        lines.append(f"Split-half reliability of the ranking: r = {rel['r_half']:.2f} between the means of two disjoint halves of "
+        what = "pool points' estimates" if redrawn else 'ranking'
+        lines.append(f"Split-half reliability of the {what}: r = {rel['r_half']:.2f} between the means of two disjoint halves of "
                      f"{rel['half']} pair{'s' if rel['half'] > 1 else ''} (one pair against one: {rel['r_one_pair']:.2f}); "
                      f"extrapolated to all {R} pairs (Spearman-Brown): {rel['r_full']:.2f}.")
+        if 'reliability_extra' in pm:
+            rx = pm['reliability_extra']
+            lines.append(f"The same for points no encoder trained on (the extra set's g - f, no sign flipped): r = {rx['r_half']:.2f}. That is "
+                         "what the pairs agree on that is not membership: " + ("near zero when f's and g's points differ only by chance, as "
+                         "membership redrawn for every pair makes them." if redrawn else "with every pair on the same split, whatever sets f's "
+                         "training points apart from g's as a whole repeats in every pair, and the extra set's scores repeat with it."))
     if 'membership' in pm:
         m = pm['membership']
         tpr01 = 'not resolved' if m['tpr_at_01pct'] is None or m['tpr_at_01pct'] != m['tpr_at_01pct'] else f"{m['tpr_at_01pct']:.1%}"
@@ -211,6 +231,9 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
                      f"({m['members']} member and {m['non_members']} non-member decisions over {m['targets']} target encoders).")
     cols = [c for c in ('idx', 'label', 'sslmem', 'sslmem_se', 'p_value', 'q_value', 'memorised') if c in s]
     table = s[s['split'] == 'candidates'].sort_values('sslmem', ascending=False)[cols].head(10).reset_index(drop=True)
+    if redrawn:
+        cols = [c for c in ('idx', 'label', 'estimate', 'estimate_se', 'p_value', 'q_value', 'memorised') if c in s]
+        table = s[s['estimate'].notna()].drop_duplicates('idx').sort_values('estimate', ascending=False)[cols].head(10).reset_index(drop=True)
     if pm.get('canaries'):
         ct = pd.DataFrame(pm['canaries'])
         lines.append('Canaries (planted in f of half the pairs each, never in g): ' + '; '.join(
