@@ -710,8 +710,9 @@ def run_summary(runs:list) -> pd.DataFrame:
     for r in runs:
         p, m = r.params, r.metrics
         ds = dataset_label(p['dataset'])
+        R = int(p.get('n_pairs', 1))
         row = dict(run=r.name, dataset=ds, method=p['method'], backbone=p['backbone'], epochs=p['epochs'],
-                   seed=p['seed'], features=m['score_features'])
+                   seed=p['seed'], pairs=R, design=p.get('design', 'fixed') if R > 1 else '', features=m['score_features'])
         row.update({f'mean {k[0].upper()}': v for k, v in m['mean_sslmem'].items()})
         row.update({f"p({t['test']})": t['welch_p'] for t in m['tests'] if t['features'] == m['score_features']})
         for n in ('f', 'g', 'random'):
