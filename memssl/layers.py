@@ -175,7 +175,7 @@ import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
 from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, known_params, check_ints, check_destination
-from .runs import load_encoders, run_view_config, run_canaries, pair_roles
+from .runs import load_encoders, run_view_config, run_canaries, pair_roles, planted_train
 from .data import load_dataset
 from .memorization import set_tests
 from .splits import ROLES
@@ -193,7 +193,7 @@ LAYERS_DEFAULTS = dict(
 )
 
 def source_sslmem_run(value, kind:str, checkpoints:bool=True) -> Path:
-    "The absolute path of a `source_run` parameter, checked: a complete SSLMem run without canaries, with its checkpoints if `checkpoints`."
+    "The absolute path of a `source_run` parameter, checked: a complete SSLMem run (with or without canaries), with its checkpoints if `checkpoints`."
     if not value: raise RunError('source_run is required: a complete SSLMem run directory' + (' with its checkpoints' if checkpoints else ''))
     src = Path(value).expanduser().resolve()
     if not src.is_dir(): raise RunError(f'source_run: no directory at {src}')
@@ -202,7 +202,6 @@ def source_sslmem_run(value, kind:str, checkpoints:bool=True) -> Path:
     if other != 'sslmem': raise RunError(f'source_run {src} is a {other} run; a {kind} run reads an SSLMem run')
     if checkpoints and not (src / 'ckpt' / 'f' / 'encoder.pt').is_file():
         raise RunError(f'source_run {src} has no checkpoints (ckpt/f/encoder.pt): a {kind} run reads the encoders, which a recorded summary does not keep')
-    if run_canaries(src) is not None: raise RunError(f'source_run {src} planted canaries; {kind} runs of such runs are not supported yet')
     return src
 
 def check_layers_param(p:dict) -> None:
@@ -241,7 +240,7 @@ def layers_inputs(run:Run, whole=()) -> dict:
     sp = src.params
     srun = Run({**sp, 'run_dir': run.params['source_run'], 'device': run.params['device']})
     with run.timed('load'):
-        train = load_dataset(sp['dataset'], sp['data_root'], 'train')
+        train = planted_train(srun, load_dataset(sp['dataset'], sp['data_root'], 'train'))   # with the run's canaries, if it planted any
         test = load_dataset(sp['dataset'], sp['data_root'], 'test') if src.split.extra_from == 'test' else None
         pairs = [load_encoders(srun, src.split, train, r) for r in range(sp.get('n_pairs', 1))]
     vc = run_view_config(srun, train)

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['REMOVAL_DEFAULTS', 'REMOVAL_NON_RESULT', 'STRAT_COLORS', 'RECORD_FILES', 'removal_params_from',
-           'validate_removal_params', 'removal_sets_of', 'start_removal_run', 'load_removal_data', 'score_pool',
-           'canary_levers', 'memorised_summary', 'removal_plan', 'probe_all', 'retrain_and_probe', 'paired_tests',
-           'seeds_needed', 'holm', 'atypicality_table', 'finish_removal_run', 'plot_removal', 'plot_canary_levers',
-           'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality', 'plot_class_extremes', 'RemovalResult',
-           'list_removal_runs', 'refreshed_reliability', 'record_run']
+           'validate_removal_params', 'source_sets', 'removal_sets_of', 'start_removal_run', 'load_removal_data',
+           'source_scores', 'score_pool', 'canary_levers', 'memorised_summary', 'removal_plan', 'probe_all',
+           'retrain_and_probe', 'paired_tests', 'seeds_needed', 'holm', 'atypicality_table', 'finish_removal_run',
+           'plot_removal', 'plot_canary_levers', 'plot_pool_vs_null', 'plot_seed_agreement', 'plot_atypicality',
+           'plot_class_extremes', 'RemovalResult', 'list_removal_runs', 'refreshed_reliability', 'record_run']
 
 # %% ../nbs/14_removal.ipynb #6b22df39
 import json, os, time
@@ -37,6 +37,7 @@ REMOVAL_DEFAULTS = dict(
     dataset='fashion_mnist',     # registry name, 'npz:PATH' or 'folder:PATH'
     data_root=None,              # where datasets live (None: $MEMSSL_DATA or ~/.cache/memssl/data)
     download=False,              # let torchvision download missing data (needs internet)
+    source_run=None,             # an SSLMem run (e.g. the default run): rank its pool (candidates + independent) by their memorisation estimates over its pairs instead of cross-fitting; its shared, pool and extra sets are used, and n_pool, n_shared, n_extra are ignored
     n_pool=1000,                 # points scored by cross-fitting; removal takes from them
     n_shared=0,                  # points every encoder trains on and no removal touches
     n_extra=500,                 # points no encoder trains on: the null distribution of scores
@@ -96,6 +97,15 @@ def validate_removal_params(params:dict) -> dict:
     if p['n_folds'] < 2: raise RunError(f"n_folds must be >= 2 (a point needs an encoder that did not train on it), got {p['n_folds']}")
     if p['n_extra'] < 2: raise RunError(f"n_extra must be >= 2: the extra set gives the null distribution of scores, got {p['n_extra']}")
     if p['n_pool'] < 2 * p['n_folds']: raise RunError(f"n_pool must be at least 2 x n_folds, got {p['n_pool']}")
+    if p['source_run'] is not None:
+        src = Path(p['source_run']).resolve()
+        if not (src / 'metrics.json').is_file():
+            raise RunError(f'source_run: {src} is not a complete run (no metrics.json); make it first (for the main job: memssl-grid experiments/default.yml)')
+        if read_json(src / 'params.json', 'params file').get('experiment', 'sslmem') != 'sslmem' or not (src / 'scores_pairs.csv').is_file():
+            raise RunError(f'source_run: {src} is not an SSLMem run with per-pair scores (scores_pairs.csv)')
+        if p['n_canaries']:
+            raise RunError("n_canaries: canaries are planted for cross-fitting; a run that ranks by another run's scores (source_run) plants none: set n_canaries: 0")
+        p['source_run'] = str(src)
     if not isinstance(p['canary_kinds'], (list, tuple)) or any(k not in CANARY_KINDS for k in p['canary_kinds']):
         raise RunError(f"canary_kinds must be a list of {CANARY_KINDS}, got {p['canary_kinds']!r}")
     if not isinstance(p['fractions'], (list, tuple)) or not p['fractions']: raise RunError(f"fractions must be a non-empty list, got {p['fractions']!r}")
@@ -111,6 +121,18 @@ def validate_removal_params(params:dict) -> dict:
     return p
 
 # %% ../nbs/14_removal.ipynb #0b323fc4
+def source_sets(source_run, base:ImageData) -> dict:
+    "The shared, pool (candidates + independent) and extra sets of the SSLMem run `source_run`, checked to be of the data `base`."
+    from memssl.runs import RunResult
+    src = RunResult(source_run)
+    fp = (src.meta.get('dataset') or {}).get('fingerprint')
+    if fp != base.fingerprint:
+        raise RunError(f"source_run {src.dir} was made on other data (fingerprint {fp}); this run's dataset {base.name!r} has fingerprint {base.fingerprint}")
+    if src.split.extra_from != 'train': raise RunError(f'source_run {src.dir} takes its extra set from the test split; a removal run needs it from the train split')
+    sp = src.split
+    return dict(shared=sp['shared'], pool=np.sort(np.concatenate([sp['candidates'], sp['independent']])), extra=sp['extra'],
+                canaries=np.zeros(0, dtype=np.int64))
+
 def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     "Dataset indices of the pool (real points), shared, extra and canaries for a removal run."
     need = p['n_pool'] + p['n_shared'] + p['n_extra']
@@ -128,7 +150,8 @@ def start_removal_run(params:dict) -> Run:
     run = Run(p)
     check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
     base = load_dataset(p['dataset'], p['data_root'], 'train', download=p['download'])
-    removal_sets_of(len(base), p)                              # a pool larger than the data fails here, before anything is written
+    if p['source_run']: source_sets(p['source_run'], base)      # a source run of other data fails here, before anything is written
+    else: removal_sets_of(len(base), p)                        # a pool larger than the data fails here, before anything is written
     run.base = base
     return claim_run(run, experiment='removal')
 
@@ -140,7 +163,7 @@ def load_removal_data(run:Run) -> dict:
         kinds = list(p['canary_kinds']) if p['n_canaries'] else []
         if kinds: train, cidx, ckinds = plant_canaries(base, kinds, p['n_canaries'], seed=p['seed'])
         else: train, cidx, ckinds = base, np.zeros(0, dtype=np.int64), np.array([], dtype=str)
-        sets = removal_sets_of(len(base), p, len(cidx))
+        sets = source_sets(p['source_run'], base) if p['source_run'] else removal_sets_of(len(base), p, len(cidx))
         tasks = {}
         for name in p['probe_datasets']:
             tr = base if name == p['dataset'] else load_dataset(name, p['data_root'], 'train', download=p['download'])
@@ -157,8 +180,38 @@ def load_removal_data(run:Run) -> dict:
     return dict(base=base, train=train, sets=sets, canary_kinds=ckinds, tasks=tasks, view_config=vc, encoder_config=ec)
 
 # %% ../nbs/14_removal.ipynb #7583d38d
+def source_scores(run:Run, data:dict) -> dict:
+    """The pool's scores from the SSLMem run `source_run`, nothing trained: each pool point's memorisation estimate over that run's pairs
+    (`memssl.pointwise.pool_estimates`: SSLMem signed by which encoder trained on the point) and the extra set's mean g - f, as
+    `aggregate_scores` lays them out, with that run's split-half reliabilities; writes `scores.csv` and `reliability.csv`."""
+    from memssl.pointwise import pool_estimates
+    src = Path(run.params['source_run'])
+    with run.timed('score'):
+        pp = pd.read_csv(src / 'scores_pairs.csv')
+        R, label = int(pp['pair'].nunique()), pp.drop_duplicates('idx').set_index('idx')['label']
+        parts = []
+        for v in dict.fromkeys(pp['features']):
+            e = pool_estimates(pp, v)
+            parts.append(pd.DataFrame(dict(features=v, role='pool', idx=e['idx'], pair=-1, n_seeds=e['estimate_pairs'], label=e['idx'].map(label),
+                                           sslmem=e['estimate'], sslmem_sem=e['estimate_se'])))
+            x = pp[(pp['features'] == v) & (pp['split'] == 'extra')].groupby('idx')
+            parts.append(x[['align_f', 'align_g', 'sslmem']].mean().reset_index().assign(features=v, role='extra', pair=0, n_seeds=R,
+                                                                                        label=lambda t: t['idx'].map(label), sslmem_sem=np.nan))
+        agg = pd.concat(parts, ignore_index=True)[['features', 'role', 'idx', 'pair', 'n_seeds', 'label', 'align_f', 'align_g', 'sslmem', 'sslmem_sem']]
+        agg['canary'], agg['canary_kind'] = False, ''
+    pw = read_json(src / 'metrics.json', 'metrics file').get('pointwise') or {}
+    rel = pd.DataFrame([dict(features=v, n_seeds=R, n_points=d['reliability']['n_points'], pearson=d['reliability']['r_one_pair'], spearman=np.nan,
+                             reliability=d['reliability']['r_full'], reliability_spearman=np.nan, k_half=d['reliability']['half'],
+                             split_half=d['reliability']['r_half'], source=f"{src.name} ({d['reliability'].get('role', 'candidates')}, {R} pairs)")
+                        for v, d in pw.items() if d.get('reliability')])
+    atomic_write_text(run.path('scores.csv'), agg.to_csv(index=False))
+    atomic_write_text(run.path('reliability.csv'), rel.to_csv(index=False))
+    return dict(per_seed=[], scores=agg, reliability=rel)
+
 def score_pool(run:Run, data:dict) -> dict:
-    "Cross-fitted scores of every pool point and canary, per seed and averaged; writes `scores_seed*.csv`, `scores.csv`, `reliability.csv`."
+    """Cross-fitted scores of every pool point and canary, per seed and averaged; writes `scores_seed*.csv`, `scores.csv`, `reliability.csv`.
+    With `source_run`: that run's estimates instead (`source_scores`)."""
+    if run.params.get('source_run'): return source_scores(run, data)
     p, s = run.params, data['sets']
     pool = np.concatenate([s['pool'], s['canaries']])
     per_seed = []

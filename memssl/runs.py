@@ -10,8 +10,8 @@ __all__ = ['DEFAULTS', 'DESIGNS', 'NON_RESULT', 'LATER_DEFAULTS', 'PRESETS', 'RO
            'check_same_run', 'start_run', 'claim_run', 'complete_run', 'load_run_data', 'make_run_split',
            'run_provenance', 'check_pair', 'channel_stats', 'run_view_config', 'run_encoder_config', 'run_train_config',
            'method_hparams', 'parallel_of', 'pair_seed', 'pair_dir', 'pair_names', 'coupled_order',
-           'plant_run_canaries', 'run_canaries', 'pair_split', 'pair_roles', 'pair_training_sets', 'train_encoders',
-           'training_jobs', 'load_encoders', 'load_pairs', 'score_points', 'score_pairs', 'score_run',
+           'plant_run_canaries', 'planted_train', 'run_canaries', 'pair_split', 'pair_roles', 'pair_training_sets',
+           'train_encoders', 'training_jobs', 'load_encoders', 'load_pairs', 'score_points', 'score_pairs', 'score_run',
            'available_tests', 'tests_all_variants', 'probe_run', 'run_pointwise', 'finish_run', 'is_complete',
            'RunResult', 'list_runs', 'run_summary', 'changed_values', 'record_sslmem_run', 'method_table']
 
@@ -480,6 +480,19 @@ def plant_run_canaries(run:Run, train:ImageData, split:Split) -> ImageData:
     d = read_json(run.path('params.json'))
     d['canaries'] = dict(n=int(len(cidx)), kinds=sorted(set(kinds.tolist())), fingerprint_with_canaries=new.fingerprint)
     atomic_write_json(run.path('params.json'), d)
+    return new
+
+def planted_train(run:Run, train:ImageData) -> ImageData:
+    """The train split as a run's encoders saw it: `train` with the run's canaries appended (drawn again from its parameters, and checked
+    against the fingerprint its `params.json` records), or `train` itself for a run without canaries. For readers of a run's encoders."""
+    from memssl.crossfit import plant_canaries
+    p = run.params
+    if not p.get('canaries'): return train
+    new = plant_canaries(train, list(p['canary_kinds']), p['canaries'], seed=p['seed'])[0]
+    want = (read_json(run.path('params.json')).get('canaries') or {}).get('fingerprint_with_canaries')
+    if want and new.fingerprint != want:
+        raise RunError(f'the canaries drawn again for {run.dir} give data of fingerprint {new.fingerprint}, but its encoders trained on {want}; '
+                       'was the run made by another version of memssl?')
     return new
 
 def run_canaries(run) -> pd.DataFrame|None:

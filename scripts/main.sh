@@ -27,7 +27,7 @@ echo "== DejaVu beside SSLMem for the same encoders (experiments/dejavu.yml: cor
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/dejavu.yml
 echo "== the dejavu run took $(( $(date +%s) - t1 )) s"
-echo "== running the removal demonstration (experiments/removal_demo.yml: cross-fitted scores, canaries, a small removal experiment)"
+echo "== running the removal demonstration (experiments/removal_demo.yml: the default run's pool ranked by its estimates, 20% removed, retrained and probed)"
 t1=$(date +%s)
 .venv/bin/memssl-grid experiments/removal_demo.yml
 echo "== the removal demonstration took $(( $(date +%s) - t1 )) s"

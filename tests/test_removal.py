@@ -79,3 +79,36 @@ def test_removal_run_and_a_scores_file_of_other_data(tmp_path):
     err = json.loads((tmp_path / 'b' / 'status.json').read_text())['error']
     assert 'records scores of another experiment' in err and 'fingerprint' in err
     assert not is_complete(tmp_path / 'b')
+
+
+def test_removal_ranked_by_an_sslmem_run_trains_nothing_to_score_and_refuses_other_data(tmp_path):
+    "source_run: the pool is the SSLMem run's candidates and independent points, ranked by their estimates over its (redrawn) pairs."
+    from memssl.pointwise import pool_estimates
+    from memssl.runs import validate_params, RunResult
+    npz = write_fake_dataset('npz', tmp_path, n_train=160, n_test=40)
+    sp = validate_params(dict(dataset=f'npz:{npz}', n_shared=40, n_candidates=30, n_independent=30, n_extra=30, n_pairs=2, epochs=2,
+                              batch_size=32, n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu',
+                              parallel=False, run_dir=str(tmp_path / 'src')))
+    assert sp['design'] == 'redrawn'
+    assert execute_run(ROOT / 'experiments' / 'sslmem.ipynb', sp, echo=False) == 'complete'
+    src = RunResult(tmp_path / 'src')
+    with pytest.raises(ValueError, match='set n_canaries: 0'):
+        validate_removal_params(tiny(npz, tmp_path / 'x', source_run=str(src.dir)))
+    with pytest.raises(ValueError, match='not a complete run'):
+        validate_removal_params(tiny(npz, tmp_path / 'x', source_run=str(tmp_path / 'none'), n_canaries=0))
+    p = validate_removal_params(tiny(npz, tmp_path / 'rem', source_run=str(src.dir), n_canaries=0, retrain_seeds=1))
+    assert execute_run(NB, p, echo=False) == 'complete'
+    sets = json.loads((tmp_path / 'rem' / 'sets.json').read_text())
+    assert sorted(sets['pool']) == sorted(src.split['candidates'].tolist() + src.split['independent'].tolist())
+    assert sets['shared'] == src.split['shared'].tolist() and sets['extra'] == src.split['extra'].tolist()
+    assert not (tmp_path / 'rem' / 'crossfit').exists()                          # nothing trained to score
+    sc = pd.read_csv(tmp_path / 'rem' / 'scores.csv')
+    got = sc[(sc.features == 'projector_norm') & (sc.role == 'pool')].set_index('idx')['sslmem'].sort_index()
+    want = pool_estimates(pd.read_csv(src.dir / 'scores_pairs.csv'), 'projector_norm').set_index('idx')['estimate'].sort_index()
+    pd.testing.assert_series_equal(got, want, check_names=False, rtol=1e-6)
+    rem = pd.read_csv(tmp_path / 'rem' / 'removal.csv')
+    assert set(rem['strategy']) == {'none', 'top', 'random', 'bottom'}
+    npz2 = write_fake_dataset('npz', tmp_path / 'other', n_train=160, n_test=40, seed=1)
+    p2 = validate_removal_params(tiny(npz2, tmp_path / 'rem2', source_run=str(src.dir), n_canaries=0))
+    assert execute_run(NB, p2, echo=False) == 'failed'
+    assert 'made on other data' in json.loads((tmp_path / 'rem2' / 'status.json').read_text())['error']
