@@ -291,8 +291,9 @@ def _records(df:pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict('records')]
 
 def source_sslmem(src:RunResult) -> pd.Series:
-    "The candidates' SSLMem in a source run's `scores.csv`, by point index."
+    "The candidates' SSLMem in a source run's `scores.csv`, by point index; under redrawn membership every pool point's estimate over all pairs."
     s = src.scores
+    if 'estimate' in s and s['estimate'].notna().any(): return s[s['estimate'].notna()].drop_duplicates('idx').set_index('idx')['estimate'].rename('sslmem')
     return s[s.split == 'candidates'].set_index('idx')['sslmem']
 
 def finish_dejavu_run(run:CompareRun, dv:pd.DataFrame, inp:dict) -> dict:

@@ -55,6 +55,7 @@ def book(tmp_path_factory):
     npz = write_fake_dataset('npz', root / 'data', n_train=150, n_test=40)
     p = validate_params(dict(dataset=f'npz:{npz}', n_shared=50, n_candidates=25, n_independent=25, n_extra=25, epochs=2,
                              batch_size=32, n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10,
+                             n_pairs=2, coupled=True, canaries=1, canary_kinds=['noise', 'stripes'],   # as the default run: redrawn pairs, canaries
                              device='cpu', parallel=False, run_dir=str(root / 'runs' / 'tiny')))
     assert execute_run(root / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
     q = validate_removal_params(dict(dataset=f'npz:{npz}', probe_datasets=[f'npz:{npz}'], n_pool=60, n_extra=20, n_canaries=2,
