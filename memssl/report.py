@@ -210,7 +210,9 @@ def pointwise_summary(run, scores:dict, features:str) -> dict:
                      f"of the extra set's own points fall below p = 0.05 against the others (5% expected; "
                      f"{pm['null_below_005_normal']:.1%} with the normal fit's p-values).")
     if R == 1: lines.append('One pair: no standard errors, reliability or membership test (set `n_pairs` to 2 or more).')
-    else: lines.append(f"Median standard error of a candidate's score: {pm['median_se']:.4f}.")
+    else:
+        what = "a pool point's estimate" if redrawn else "a candidate's score"
+        lines.append(f"Median standard error of {what}: {pm['median_se']:.4f}.")
     if 'reliability' in pm:
         rel = pm['reliability']
         what = "pool points' estimates" if redrawn else 'ranking'
