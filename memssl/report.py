@@ -151,7 +151,8 @@ def plot_across_runs(runs:list, score:str='sslmem_centered'):
 def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|None=None):
     """Candidates' mean SSLMem (± standard error), sorted, against the extra set's 5-95% band; memorised points (q <= FDR) in colour.
     Scores with `estimate` (a redrawn design: `memssl.pointwise.pool_estimates`): every pool point's memorisation estimate instead."""
-    if 'estimate' in scores and scores['estimate'].notna().any():
+    pool = 'estimate' in scores and scores['estimate'].notna().any()
+    if pool:
         c = scores[scores['estimate'].notna()].drop_duplicates('idx')
         c = c.assign(sslmem=c['estimate'], sslmem_se=c['estimate_se'], split='candidates')
         scores = pd.concat([c, scores[scores['split'] == 'extra']])
@@ -160,13 +161,15 @@ def plot_memorised(scores:pd.DataFrame, fdr:float|None=None, ax=None, title:str|
     x = np.arange(len(c))
     mem = c['memorised'].fillna(False).astype(bool).to_numpy() if 'memorised' in c else np.zeros(len(c), bool)
     se = c['sslmem_se'].to_numpy() if 'sslmem_se' in c and c['sslmem_se'].notna().any() else None
-    ax.errorbar(x[~mem], c['sslmem'][~mem], yerr=None if se is None else se[~mem], fmt='.', ms=2, lw=0.5, color='#999999', label='candidates')
+    who = 'pool points' if pool else 'candidates'
+    ax.errorbar(x[~mem], c['sslmem'][~mem], yerr=None if se is None else se[~mem], fmt='.', ms=2, lw=0.5, color='#999999', label=who)
     ax.errorbar(x[mem], c['sslmem'][mem], yerr=None if se is None else se[mem], fmt='.', ms=3, lw=0.7, color=COLORS['candidates'],
                 label=f'memorised at FDR {fdr:g} ({mem.sum()})' if fdr else f'memorised ({mem.sum()})')
     e = scores.loc[scores['split'] == 'extra', 'sslmem']
     if len(e): ax.axhspan(*np.quantile(e, [0.05, 0.95]), color=COLORS['extra'], alpha=0.15, label='extra set, 5-95%')
-    ax.set_xlabel('candidates, sorted by mean SSLMem'); ax.set_ylabel('SSLMem (mean ± s.e.)')
-    ax.legend(fontsize=7, frameon=False, loc='upper left'); ax.set_title(title or 'Which candidates are memorised', fontsize=9)
+    ax.set_xlabel(f"{who}, sorted by {'memorisation estimate' if pool else 'mean SSLMem'}")
+    ax.set_ylabel(f"{'estimate' if pool else 'SSLMem'} (mean ± s.e.)")
+    ax.legend(fontsize=7, frameon=False, loc='upper left'); ax.set_title(title or f'Which {who} are memorised', fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -176,6 +179,7 @@ def plot_reliability(curves:dict, x:str='k', ax=None, target:float|None=0.8):
     for label, c in curves.items():
         ax.errorbar(c[x], c['r'], yerr=c['r_sd'], marker='o', ms=3, capsize=2, label=label)
     if target: ax.axhline(target, color='k', lw=0.6, ls='--')
+    if x == 'k': ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))   # whole numbers of pairs
     ax.set_ylim(min(0, min(c['r'].min() for c in curves.values()) - 0.05), 1)
     ax.set_xlabel({'k': 'pairs per half (k)', 'minutes': 'encoder-training minutes per half'}.get(x, x))
     ax.set_ylabel('split-half reliability r'); ax.legend(fontsize=7, frameon=False)
