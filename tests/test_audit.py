@@ -167,13 +167,20 @@ def test_a_failed_audit_prints_its_reason(memssl_run, tmp_path):
 
 
 def test_several_pairs_are_audited_together_as_a_run_of_pairs_scores_them(tmp_path):
-    "Two independent pairs of a memssl run given to memssl-score: the per-point means, standard errors and q-values of the run itself."
+    """Two independent pairs of a memssl run given to memssl-score with the split they share (design: fixed): the per-point means,
+    standard errors and q-values of the run itself. The pairs of a redrawn run do not share one split: refused, naming the training sets."""
     npz = write_fake_dataset('npz', tmp_path, n_train=150, n_test=40)
-    p = validate_params(dict(dataset=f'npz:{npz}', n_shared=50, n_candidates=25, n_independent=25, n_extra=25, epochs=2, batch_size=32,
-                             n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu', parallel=False,
-                             n_pairs=2, run_dir=str(tmp_path / 'run')))
-    assert execute_run(ROOT / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
-    r = RunResult(tmp_path / 'run')
+    base = dict(dataset=f'npz:{npz}', n_shared=50, n_candidates=25, n_independent=25, n_extra=25, epochs=2, batch_size=32,
+                n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu', parallel=False, n_pairs=2)
+    for design in ('fixed', 'redrawn'):
+        p = validate_params(dict(base, design=design, run_dir=str(tmp_path / f'run-{design}')))
+        assert execute_run(ROOT / 'experiments' / 'sslmem.ipynb', p, echo=False) == 'complete'
+    rd = RunResult(tmp_path / 'run-redrawn')
+    out = score('--f', rd.dir / 'ckpt/f/encoder.pt', rd.dir / 'ckpt/pair1/f/encoder.pt', '--g', rd.dir / 'ckpt/g/encoder.pt', rd.dir / 'ckpt/pair1/g/encoder.pt',
+                '--split', rd.dir / 'split.json', '--dataset', f'npz:{npz}', '--format', 'memssl', '--run-dir', tmp_path / 'audit-redrawn',
+                '--set', 'n_views=4', '--set', 'device=cpu')
+    assert out.returncode != 0 and 'trained on another training set' in out.stdout + out.stderr, out.stdout + out.stderr
+    r = RunResult(tmp_path / 'run-fixed')
     out = score('--f', r.dir / 'ckpt/f/encoder.pt', r.dir / 'ckpt/pair1/f/encoder.pt', '--g', r.dir / 'ckpt/g/encoder.pt', r.dir / 'ckpt/pair1/g/encoder.pt',
                 '--split', r.dir / 'split.json', '--dataset', f'npz:{npz}', '--format', 'memssl', '--run-dir', tmp_path / 'audit',
                 '--set', 'crop_scale_min=0.5', '--set', 'color_strength=0.5', '--set', 'n_views=4', '--set', 'device=cpu')
