@@ -373,6 +373,7 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
     for v, e in scores.items():
         c, x = e[e['split'] == 'candidates'], e[e['split'] == 'extra']
         redrawn = design == 'redrawn' and R >= 2
+        role = 'pool' if redrawn else 'candidates'                 # what `reliability` ranks: the pool under redrawn membership
         if redrawn: c = e[e['split'].isin(POOL)].drop_duplicates('idx').assign(sslmem_se=lambda t: t['estimate_se'])   # a row per pool point
         d = dict(n_pairs=int(R), design=design, fdr=fdr, n_candidates=int(len(c)), n_memorised=int(c['memorised'].sum()),
                  fraction_memorised=float(c['memorised'].mean()) if len(c) else None,
@@ -380,12 +381,12 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
                  null_below_005_normal=float((x['p_normal'] < 0.05).mean()) if len(x) and x['p_normal'].notna().any() else None,
                  median_se=float(c['sslmem_se'].median()) if R > 1 and len(c) else None)
         if R >= 2 and len(c) >= 3:
-            d['reliability'] = split_half(per_pair, v, role='pool' if redrawn else 'candidates')
-            d['reliability_pool'] = split_half(per_pair, v, role='pool')    # every pool point, signed by which encoder trained on it
+            d['reliability'] = split_half(per_pair, v, role=role)
+            d['reliability_pool'] = d['reliability'] if role == 'pool' else split_half(per_pair, v, role='pool')   # every pool point, signed by which encoder trained on it
             if {'align_f', 'align_g'} <= set(per_pair.columns):      # the same with each pair's score normalised, (g - f) / (g + f)
                 ratio = per_pair.assign(sslmem=(per_pair['align_g'] - per_pair['align_f']) / (per_pair['align_g'] + per_pair['align_f']).where(lambda x: x > 0))
-                d['reliability_ratio'] = split_half(ratio, v, role='pool' if redrawn else 'candidates')
-            d['reliability_curve'] = reliability_curve(per_pair, v, role='pool' if redrawn else 'candidates')[['k', 'r', 'r_sd']].to_dict('records')
+                d['reliability_ratio'] = split_half(ratio, v, role=role)
+            d['reliability_curve'] = reliability_curve(per_pair, v, role=role)[['k', 'r', 'r_sd']].to_dict('records')
             if (e['split'] == 'extra').sum() >= 3:            # the same on points no encoder trained on: what is reproducible without memorisation
                 d['reliability_extra'] = split_half(per_pair, v, role='extra')
             if (e['split'] == 'independent').any():
