@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['CORNERS', 'DEJAVU_DEFAULTS', 'LABELMEM_DEFAULTS', 'CompareError', 'corner_crop', 'knn_votes', 'vote_confidence',
            'dejavu_scores', 'dejavu_table', 'confident_accuracy', 'dejavu_set', 'subset_masks', 'fz_estimate',
-           'fz_split_half', 'fz_reliability_curve', 'Classifier', 'train_classifier', 'classifier_correct',
-           'validate_dejavu_params', 'CompareRun', 'start_dejavu_run', 'run_dejavu', 'dejavu_summary', 'source_sslmem',
-           'finish_dejavu_run', 'CompareResult', 'DejavuResult', 'record_compare_run', 'validate_labelmem_params',
-           'start_labelmem_run', 'labelmem_inputs', 'run_classifiers', 'labelmem_scores', 'labelmem_summary',
-           'finish_labelmem_run', 'LabelmemResult', 'plot_dejavu', 'plot_against_sslmem', 'disagreement_grid']
+           'labelmem_reliability', 'Classifier', 'train_classifier', 'classifier_correct', 'validate_dejavu_params',
+           'CompareRun', 'start_dejavu_run', 'run_dejavu', 'dejavu_summary', 'source_sslmem', 'finish_dejavu_run',
+           'CompareResult', 'DejavuResult', 'record_compare_run', 'validate_labelmem_params', 'start_labelmem_run',
+           'labelmem_inputs', 'run_classifiers', 'labelmem_scores', 'labelmem_summary', 'finish_labelmem_run',
+           'LabelmemResult', 'plot_dejavu', 'plot_against_sslmem', 'disagreement_grid']
 
 # %% ../nbs/20_compare.ipynb #dab97ef5
 import time
@@ -125,33 +125,27 @@ def subset_masks(n:int, n_models:int, frac:float=0.7, seed:int=0) -> np.ndarray:
 
 def fz_estimate(correct, in_mask) -> pd.DataFrame:
     "Per point: `mem = p_in - p_out`, the accuracies of the classifiers that trained on it and of those that did not, and their counts."
+    from memssl.estimates import membership_means         # the bank's estimator for replicates that are not paired
     c, m = np.asarray(correct, dtype=np.float64), np.asarray(in_mask, dtype=bool)
     if c.shape != m.shape or c.ndim != 2: raise CompareError(f'correct {c.shape} and in_mask {m.shape} must be the same (models, points) shape')
-    n_in, n_out = m.sum(0), (~m).sum(0)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        p_in = np.where(n_in > 0, (c * m).sum(0) / n_in, np.nan)
-        p_out = np.where(n_out > 0, (c * ~m).sum(0) / n_out, np.nan)
-    return pd.DataFrame(dict(mem=p_in - p_out, p_in=p_in, p_out=p_out, n_in=n_in, n_out=n_out))
+    mm = membership_means(c, m)
+    return pd.DataFrame(dict(mem=mm['member'] - mm['non_member'], p_in=mm['member'], p_out=mm['non_member'], n_in=mm['n_member'], n_out=mm['n_non_member']))
 
 # %% ../nbs/20_compare.ipynb #ce3af4f5
-def fz_split_half(correct, in_mask, n_splits:int=20, seed:int=0) -> float:
-    "Mean over random halvings of the classifiers of the Pearson correlation between the two halves' estimates (points defined in both)."
-    c, m = np.asarray(correct), np.asarray(in_mask, dtype=bool)
+def labelmem_reliability(correct, in_mask, sizes=None, n_splits:int=20, seed:int=0) -> pd.DataFrame:
+    """Split-half reliability `r_half` of the estimate from the first m classifiers, for each m in `sizes` (default: 4, 8, 16, ... up to
+    all): `memssl.estimates.reliability_curve` with the estimate from a set of classifiers as its statistic, halves of m // 2 each."""
+    from memssl.estimates import reliability_curve
+    c, m = np.asarray(correct, dtype=np.float64), np.asarray(in_mask, dtype=bool)
     M = len(c)
     if M < 4: raise CompareError(f'split-half reliability needs at least 4 classifiers, got {M}')
-    rng, rs = np.random.default_rng(seed), []
-    for _ in range(n_splits):
-        p = rng.permutation(M); a, b = p[:M // 2], p[M // 2:2 * (M // 2)]
-        x, y = fz_estimate(c[a], m[a]).mem.to_numpy(), fz_estimate(c[b], m[b]).mem.to_numpy()
-        ok = np.isfinite(x) & np.isfinite(y)
-        if ok.sum() > 2 and x[ok].std() > 0 and y[ok].std() > 0: rs.append(np.corrcoef(x[ok], y[ok])[0, 1])
-    return float(np.mean(rs)) if rs else float('nan')
-
-def fz_reliability_curve(correct, in_mask, sizes=None, n_splits:int=20, seed:int=0) -> pd.DataFrame:
-    "Split-half reliability (`r_half`) of the first `m` classifiers for each m in `sizes` (default: 4, 8, 16, ... up to all)."
-    M = len(np.asarray(correct))
     sizes = sizes or sorted({*[2 ** i for i in range(2, 20) if 2 ** i < M], M - M % 2})
-    return pd.DataFrame([dict(models=m, r_half=fz_split_half(np.asarray(correct)[:m], np.asarray(in_mask)[:m], n_splits, seed)) for m in sizes])
+    rows = []
+    for n in sizes:
+        stat = lambda rows, n=n: fz_estimate(c[:n][rows], m[:n][rows])['mem'].to_numpy()
+        r = reliability_curve(stat=stat, n_replicates=n, ks=[n // 2], n_draws=n_splits, seed=seed)['r'].iloc[0]
+        rows.append(dict(models=n, r_half=float(r)))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/20_compare.ipynb #fb30dea8
 from .models import build_backbone
@@ -423,7 +417,7 @@ def labelmem_summary(lm:pd.DataFrame, correct:np.ndarray, in_mask:np.ndarray, ex
     candidates, the Spearman correlation with SSLMem and the share of the top `q` by one that is in the top `q` by the other."""
     from memssl.estimates import spearman_brown
     c, m = np.asarray(correct, dtype=float), np.asarray(in_mask, dtype=bool)
-    r = fz_split_half(correct, in_mask)
+    r = float(labelmem_reliability(correct, in_mask, sizes=[len(c) - len(c) % 2])['r_half'].iloc[0])
     cand = lm[(lm.split == 'candidates') & lm.mem.notna() & lm.sslmem.notna()].set_index('idx')
     out = dict(n_models=int(len(c)), acc_in=float((c * m).sum() / m.sum()), acc_out=float((c * ~m).sum() / (~m).sum()),
                acc_extra=float(np.mean(extra_acc)), r_half=r, r_all=spearman_brown(r, 2) if r == r else float('nan'),
@@ -434,7 +428,7 @@ def labelmem_summary(lm:pd.DataFrame, correct:np.ndarray, in_mask:np.ndarray, ex
 
 def finish_labelmem_run(run:CompareRun, lm:pd.DataFrame, correct, in_mask, extra_acc) -> dict:
     "Write `reliability.csv` (split-half reliability against the number of classifiers), then `metrics.json` (last, atomically); mark the run complete."
-    curve = fz_reliability_curve(correct, in_mask)
+    curve = labelmem_reliability(correct, in_mask)
     atomic_write_text(run.path('reliability.csv'), curve.to_csv(index=False))
     m = dict(params_id=params_id(run.params), experiment='labelmem', source=run.params['source_run'],
              summary=labelmem_summary(lm, correct, in_mask, extra_acc), timings=run.timings)

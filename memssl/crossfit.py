@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SCORES_FORMAT', 'ROLE_ORDER', 'ROW_KEY', 'STRATEGIES', 'CANARY_KINDS', 'FIRST_KINDS', 'CrossfitError', 'index_hash',
            'crossfit_folds', 'CrossfitPlan', 'crossfit_plan', 'scores_paths', 'read_scores', 'load_seed_scores',
-           'crossfit_seed', 'aggregate_scores', 'select_scores', 'seed_reliability', 'memorised_threshold',
-           'fraction_memorised', 'ScoresSourceError', 'removal_sets', 'check_scores_source', 'retrain_budget',
-           'make_canaries', 'plant_canaries', 'canary_ranks', 'canary_report', 'atypicality', 'atypicality_correlation']
+           'crossfit_seed', 'aggregate_scores', 'select_scores', 'seed_reliability', 'ScoresSourceError',
+           'removal_sets', 'check_scores_source', 'retrain_budget', 'make_canaries', 'plant_canaries', 'canary_ranks',
+           'canary_report', 'atypicality', 'atypicality_correlation']
 
 # %% ../nbs/13_crossfit.ipynb #7b273ae3
 import hashlib, json
@@ -273,7 +273,7 @@ def select_scores(agg:pd.DataFrame, features:str, role:str='pool') -> pd.DataFra
     return rows.reset_index(drop=True)
 
 # %% ../nbs/13_crossfit.ipynb #51e24d47
-from .estimates import spearman_brown     # n r / (1 + (n - 1) r); one implementation, in the estimates module
+from .estimates import spearman_brown, split_half, reliability_curve     # one implementation of each, in the estimates module
 
 def seed_reliability(per_seed,              # list of `crossfit_seed` tables (one per seed)
                      features=None,         # a variant, a list of them, or None for all
@@ -289,41 +289,14 @@ def seed_reliability(per_seed,              # list of `crossfit_seed` tables (on
         n, m = wide.shape[1], len(wide)
         if n < 2: raise CrossfitError(f'reliability needs at least 2 seeds; {v!r} has {n}')
         if m < 3: raise CrossfitError(f'reliability needs at least 3 points scored in every seed; {v!r} has {m}')
-        x = wide.to_numpy()
-        iu = np.triu_indices(n, 1)
-        pear = np.corrcoef(x, rowvar=False)[iu].mean()
-        spear = (np.corrcoef(stats.rankdata(x, axis=0), rowvar=False)[iu]).mean()
-        k, rng = n // 2, np.random.default_rng(0)
-        halves = [rng.permutation(n) for _ in range(n_splits)] if n > 2 else [np.arange(2)]
-        half = float(np.mean([np.corrcoef(x[:, h[:k]].mean(1), x[:, h[k:2 * k]].mean(1))[0, 1] for h in halves]))
+        x = wide.to_numpy().T                                                  # (seeds, points)
+        sh = split_half(x, n_draws=n_splits)
+        pear = sh['r_one']                                                     # every pair of seeds
+        spear = float(reliability_curve(stats.rankdata(x, axis=1), ks=[1])['r'].iloc[0])   # the same on ranks: Spearman
         rows.append(dict(features=v, n_seeds=n, n_points=m, pearson=pear, spearman=spear,
                          reliability=spearman_brown(pear, n), reliability_spearman=spearman_brown(spear, n),
-                         k_half=k, split_half=half))
+                         k_half=sh['k'], split_half=sh['r_half']))
     return pd.DataFrame(rows)
-
-# %% ../nbs/13_crossfit.ipynb #6fb4bc1e
-def _scores_array(x, what:str) -> np.ndarray:
-    a = np.asarray(x.to_numpy() if hasattr(x, 'to_numpy') else x, dtype=float).ravel()
-    if len(a) == 0: raise CrossfitError(f'{what} is empty')
-    if not np.isfinite(a).all(): raise CrossfitError(f'{what} holds {int((~np.isfinite(a)).sum())} non-finite values')
-    return a
-
-def _check_q(q):
-    if not (0 < q < 1): raise CrossfitError(f'q must lie in (0, 1), got {q}')
-
-def memorised_threshold(null_scores,       # scores of points no encoder trained on (the extra set)
-                        q:float=0.95) -> float:
-    "The q-quantile of the null scores: a pool score above it is 'highly memorised'."
-    _check_q(q)
-    return float(np.quantile(_scores_array(null_scores, 'null_scores'), q))
-
-def fraction_memorised(pool_scores, threshold:float, q:float=0.95) -> dict:
-    "Fraction of pool scores above `threshold`, its excess over the 1 - q expected under the null and a one-sided binomial p-value."
-    _check_q(q)
-    s = _scores_array(pool_scores, 'pool_scores')
-    k = int((s > threshold).sum())
-    return dict(n=len(s), n_above=k, fraction=k / len(s), expected=1 - q, excess=k / len(s) - (1 - q),
-                p_value=float(stats.binomtest(k, len(s), 1 - q, alternative='greater').pvalue))
 
 # %% ../nbs/13_crossfit.ipynb #c3ad63c3
 STRATEGIES = ('top', 'bottom', 'random', 'none')
@@ -485,14 +458,13 @@ def canary_ranks(scores:pd.DataFrame,       # one row per scored point: idx and 
 
 def canary_report(scores:pd.DataFrame, canary_idx, canary_kinds, score:str='sslmem') -> pd.DataFrame:
     "Per canary kind: `n`, AUROC against the non-canary points, median and best rank, mean score of the kind and of the rest."
-    from sklearn.metrics import roc_auc_score
+    from memssl.estimates import auroc
     r = canary_ranks(scores, canary_idx, canary_kinds, score)
     other = scores.loc[~scores['idx'].isin(r['idx']), score].to_numpy(float)
     if len(other) == 0: raise CrossfitError('every scored point is a canary; AUROC needs non-canary points to compare with')
     rows = []
     for kind, g in r.groupby('kind', sort=False):
-        y = np.r_[np.ones(len(g)), np.zeros(len(other))]
-        rows.append(dict(kind=kind, n=len(g), auroc=roc_auc_score(y, np.r_[g['score'].to_numpy(), other]),
+        rows.append(dict(kind=kind, n=len(g), auroc=auroc(g['score'].to_numpy(), other),
                          median_rank=float(g['rank'].median()), best_rank=int(g['rank'].min()),
                          mean_score=g['score'].mean(), n_other=len(other), other_mean_score=other.mean()))
     return pd.DataFrame(rows)

@@ -289,7 +289,10 @@ def run_unitmem(run:LayersRun, inp:dict) -> pd.DataFrame:
 
 # %% ../nbs/19_layers.ipynb #39fe76d2
 def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
-    "Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q` quantile, and the correlation of the candidates' scores between the first two pairs."
+    """Per layer: mean LayerMem of each set (averaged over pairs per point), the four set tests, the candidates above the extra set's `q`
+    quantile, and `r_pairs`, the correlation between two pairs of the pool points' scores signed by which encoder trained on each (+ for
+    the pair's candidates, - for its independent points; the mean over every two pairs), so redrawn membership is read per pair."""
+    from memssl.estimates import null_quantile, split_half
     rows = []
     for (layer, depth), d in lm.groupby(['layer', 'depth'], sort=False):
         pt = d.groupby(['split', 'idx'], as_index=False)['sslmem'].mean()
@@ -297,10 +300,11 @@ def layer_summary(lm:pd.DataFrame, q:float=0.95) -> pd.DataFrame:
         if {'candidates', 'shared', 'independent', 'extra'} <= set(pt['split']):
             for t in set_tests(pt).to_dict('records'): row[f"p({t['test']})"] = float(t['welch_p'])
         if {'candidates', 'extra'} <= set(pt['split']):
-            thr = np.quantile(pt.loc[pt.split == 'extra', 'sslmem'], q)
+            thr = null_quantile(pt.loc[pt.split == 'extra', 'sslmem'], q)
             row['above_null'] = float((pt.loc[pt.split == 'candidates', 'sslmem'] > thr).mean())
-        c = d[d.split == 'candidates'].pivot_table(index='idx', columns='pair', values='sslmem')
-        if c.shape[1] >= 2: row['r_pairs'] = float(np.corrcoef(c.iloc[:, 0], c.iloc[:, 1])[0, 1])
+        pool = d[d.split.isin(['candidates', 'independent'])]
+        c = pool.assign(s=np.where(pool.split == 'candidates', 1.0, -1.0) * pool.sslmem).pivot_table(index='idx', columns='pair', values='s')
+        if c.shape[1] >= 2 and c.dropna().shape[0] >= 3: row['r_pairs'] = split_half(c.to_numpy().T)['r_one']
         rows.append(row)
     return pd.DataFrame(rows).sort_values('depth', ignore_index=True)
 
@@ -310,6 +314,7 @@ def unit_summary(um:pd.DataFrame, sslmem:pd.Series|None=None, q:float=0.95, top:
     they peak on and those points' mean SSLMem percentile among the candidates (`sslmem`: SSLMem by candidate index). Where `um` has a
     random encoder's rows (`encoder` == 'random'), also its mean and median on the candidates and `above_random`, the share of f's units
     above its `q` quantile."""
+    from memssl.estimates import null_quantile
     rows = []
     rnd = um[um.encoder == 'random'] if 'encoder' in um else um.iloc[:0]
     um = um[um.encoder == 'f'] if 'encoder' in um else um
@@ -317,10 +322,10 @@ def unit_summary(um:pd.DataFrame, sslmem:pd.Series|None=None, q:float=0.95, top:
         c, e = d[d.role == 'candidates'], d[d.role == 'extra']
         row = dict(layer=layer, units=len(c), mean_C=float(c.unitmem.mean()), median_C=float(c.unitmem.median()),
                    mean_E=float(e.unitmem.mean()), median_E=float(e.unitmem.median()),
-                   above_null=float((c.unitmem > np.quantile(e.unitmem, q)).mean()) if len(e) else float('nan'))
+                   above_null=float((c.unitmem > null_quantile(e.unitmem, q)).mean()) if len(e) else float('nan'))
         x = rnd[(rnd.layer == layer) & (rnd.role == 'candidates')]
         if len(x): row.update(mean_random=float(x.unitmem.mean()), median_random=float(x.unitmem.median()),
-                              above_random=float((c.unitmem > np.quantile(x.unitmem, q)).mean()))
+                              above_random=float((c.unitmem > null_quantile(x.unitmem, q)).mean()))
         t = c.sort_values('unitmem', ascending=False).head(max(1, int(round(top * len(c)))))
         row['top_points'] = int(t.argmax.nunique())
         if sslmem is not None:

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAIR_KEY', 'POOL', 'NEIGHBOURS_K', 'POINT_COLUMNS', 'LIRA_PER_POINT_MIN_PAIRS', 'PointwiseError', 'stack_pairs',
-           'point_estimates', 'null_pvalues', 'memorised_at_fdr', 'reliability_curve', 'split_half', 'membership_lira',
-           'tpr_at_fpr', 'membership_report', 'membership_by_sslmem', 'nearest_reference', 'neighbour_table',
+           'point_estimates', 'extra_pvalues', 'memorised_at_fdr', 'pair_matrix', 'pair_reliability', 'membership_lira',
+           'membership_report', 'membership_by_sslmem', 'nearest_reference', 'neighbour_table',
            'neighbourhood_residuals', 'neighbourhood_summary', 'pairs_as_bank', 'pool_estimates', 'point_scores',
            'pointwise_metrics', 'canary_table']
 
@@ -55,25 +55,26 @@ def point_estimates(per_pair, features=None) -> pd.DataFrame:
     return out[['features', 'idx', 'split'] + [c for c in out.columns if c not in ('features', 'idx', 'split')]]
 
 # %% ../nbs/18_pointwise.ipynb #10c15ea2
-from .estimates import benjamini_hochberg        # one implementation, in the estimates module (library chapter Estimates from a bank)
+from .estimates import benjamini_hochberg, null_pvalues   # one implementation of each, in the estimates module (library chapter Estimates from a bank)
 
-def null_pvalues(est:pd.DataFrame, null:str='extra', score:str='sslmem') -> pd.DataFrame:
+def extra_pvalues(est:pd.DataFrame, null:str='extra', score:str='sslmem') -> pd.DataFrame:
     """Add to per-point estimates (one feature variant) the one-sided p-values of each point's mean `score` against the null
-    set's means: `p_value`, empirical, and `p_normal`, from a normal fit to the null (a null point is compared with the others)."""
-    if est['features'].nunique() > 1: raise PointwiseError('null_pvalues takes one feature variant at a time')
+    set's means: `p_value`, empirical (`memssl.estimates.null_pvalues`), and `p_normal`, from a normal fit to the null (a null point
+    is compared with the others)."""
+    if est['features'].nunique() > 1: raise PointwiseError('extra_pvalues takes one feature variant at a time')
     nul = est.loc[est['split'] == null, score].to_numpy(float)
     if len(nul) < 3: raise PointwiseError(f'the null set {null!r} has {len(nul)} scored points; p-values need at least 3')
     x = est[score].to_numpy(float)
     mu, sd, n = nul.mean(), nul.std(ddof=1), len(nul)
     p = stats.norm.sf((x - mu) / sd)
-    emp = (1 + (nul[None, :] >= x[:, None]).sum(1)) / (1 + n)
+    emp = null_pvalues(x, nul)
     is_null = (est['split'] == null).to_numpy()
     if is_null.any():                                          # a null point against the other null points (leave one out)
         xn = x[is_null]
         mu_l = (nul.sum() - xn) / (n - 1)
         sd_l = np.sqrt(np.maximum(((nul ** 2).sum() - xn ** 2 - (n - 1) * mu_l ** 2) / (n - 2), 1e-30))
         p[is_null] = stats.norm.sf((xn - mu_l) / sd_l)
-        emp[is_null] = (1 + (nul[None, :] >= xn[:, None]).sum(1) - 1) / n
+        emp[is_null] = (null_pvalues(xn, nul) * (1 + n) - 1) / n              # the point itself out of the count and the null
     return est.assign(p_value=emp, p_normal=p)
 
 def memorised_at_fdr(est:pd.DataFrame, fdr:float=0.1, role:str='candidates', p:str='p_value') -> pd.DataFrame:
@@ -86,44 +87,27 @@ def memorised_at_fdr(est:pd.DataFrame, fdr:float=0.1, role:str='candidates', p:s
     return rows
 
 # %% ../nbs/18_pointwise.ipynb #e50ac8d7
-from .estimates import spearman_brown            # n r / (1 + (n - 1) r), in the estimates module
+from .estimates import spearman_brown, split_half, reliability_curve   # one implementation of each, in the estimates module
 
 POOL = ('candidates', 'independent')
 
-def _wide(per_pair, features:str, role:str) -> np.ndarray:
-    "(points, pairs) scores of `role`'s points scored in every pair; role 'pool': the candidates and independent points together, each pair's score signed (+ where f trained on the point, - where g did), whatever their role in each pair."
+def pair_matrix(per_pair, features:str, role:str) -> np.ndarray:
+    "(pairs, points) scores of `role`'s points scored in every pair; role 'pool': the candidates and independent points together, each pair's score signed (+ where f trained on the point, - where g did), whatever their role in each pair."
     df = stack_pairs(per_pair)
     df = df[(df['features'] == features) & (df['split'].isin(POOL) if role == 'pool' else df['split'] == role)]
     if df.empty: raise PointwiseError(f'no {role!r} scores for feature variant {features!r}')
     if role == 'pool': df = df.assign(sslmem=np.where(df['split'] == 'candidates', 1.0, -1.0) * df['sslmem'])
     w = df.pivot(index='idx', columns='pair', values='sslmem').dropna()
-    return w.to_numpy(float)                                                  # (points, pairs)
+    return w.to_numpy(float).T                                                # (pairs, points)
 
-def reliability_curve(per_pair, features:str='projector_norm', role:str='candidates', n_splits:int=50, seed:int=0) -> pd.DataFrame:
-    "For k = 1 .. R // 2: the mean Pearson correlation (and its spread over draws) between the means of two disjoint random groups of k pairs."
-    x = _wide(per_pair, features, role)
-    n_points, R = x.shape
-    if R < 2: raise PointwiseError(f'reliability needs at least 2 pairs; {features!r} has {R}')
-    if n_points < 3: raise PointwiseError(f'reliability needs at least 3 points scored in every pair; got {n_points}')
-    rng = np.random.default_rng(seed)
-    rows = []
-    for k in range(1, R // 2 + 1):
-        rs = []
-        for _ in range(n_splits):
-            perm = rng.permutation(R)
-            a, b = x[:, perm[:k]].mean(1), x[:, perm[k:2 * k]].mean(1)
-            rs.append(np.corrcoef(a, b)[0, 1])
-        rows.append(dict(features=features, role=role, k=k, n_points=n_points, r=float(np.mean(rs)), r_sd=float(np.std(rs))))
-    return pd.DataFrame(rows)
-
-def split_half(per_pair, features:str='projector_norm', role:str='candidates', n_splits:int=50, seed:int=0) -> dict:
-    "Split-half reliability of the pairs' mean: `r_half` (R // 2 pairs against R // 2), and `r_full`, its Spearman-Brown extrapolation to all R pairs."
-    c = reliability_curve(per_pair, features, role, n_splits, seed)
-    R = _wide(per_pair, features, role).shape[1]
-    last = c.iloc[-1]
-    r1 = float(c.iloc[0]['r'])
-    return dict(features=features, role=role, n_pairs=R, n_points=int(last['n_points']), half=int(last['k']), r_half=float(last['r']),
-                r_full=spearman_brown(float(last['r']), R / last['k']), r_one_pair=r1)
+def pair_reliability(per_pair, features:str='projector_norm', role:str='candidates', n_splits:int=50, seed:int=0) -> dict:
+    """Split-half reliability (`memssl.estimates.split_half`) of the pairs' mean score of `role`'s points, under the names a run's metrics
+    record: `r_half` (R // 2 pairs against R // 2, `half` = R // 2), `r_full` (Spearman-Brown to all R pairs), `r_one_pair` (one against one)."""
+    X = pair_matrix(per_pair, features, role)
+    if len(X) < 2: raise PointwiseError(f'reliability needs at least 2 pairs; {features!r} has {len(X)}')
+    s = split_half(X, n_draws=n_splits, seed=seed)
+    return dict(features=features, role=role, n_pairs=s['n_replicates'], n_points=s['n_points'], half=s['k'], r_half=s['r_half'],
+                r_full=s['r_full'], r_one_pair=s['r_one'])
 
 # %% ../nbs/18_pointwise.ipynb #1597a653
 def _align_table(per_pair, features:str) -> pd.DataFrame:
@@ -166,32 +150,24 @@ def membership_lira(per_pair, features:str='projector_norm', offsets:str='global
             rows.append(pd.DataFrame(dict(target=f'{r}{t}', idx=f.index, split=role.iloc[:, j].to_numpy(), member=member, stat=s, llr=llr)))
     return pd.concat(rows, ignore_index=True)
 
-def tpr_at_fpr(y, score, fpr:float) -> float:
-    "True-positive rate at false-positive rate `fpr` (the ROC curve's value there); NaN when fewer than 1 / `fpr` negatives resolve it."
-    from sklearn.metrics import roc_curve
-    y = np.asarray(y, bool)
-    if (~y).sum() < 1 / fpr: return float('nan')
-    fp, tp, _ = roc_curve(y, score)
-    return float(np.interp(fpr, fp, tp))
-
 def membership_report(per_pair, features=None, offsets:str='global') -> pd.DataFrame:
     "Per feature variant: AUROC of the pooled LiRA decisions, TPR at 1% and 0.1% FPR, the numbers of targets and decisions."
-    from sklearn.metrics import roc_auc_score
+    from memssl.estimates import auroc, tpr_at_fpr
     df = stack_pairs(per_pair)
     feats = [v for v in dict.fromkeys(df['features'])] if features is None else ([features] if isinstance(features, str) else list(features))
     rows = []
     for v in feats:
         m = membership_lira(df, v, offsets)
-        y, s = m['member'].to_numpy(), m['llr'].to_numpy()
+        y, s = m['member'].to_numpy(bool), m['llr'].to_numpy(float)
         rows.append(dict(features=v, targets=m['target'].nunique(), members=int(y.sum()), non_members=int((~y).sum()),
-                         auroc=roc_auc_score(y, s), tpr_at_1pct=tpr_at_fpr(y, s, 0.01), tpr_at_01pct=tpr_at_fpr(y, s, 0.001)))
+                         auroc=auroc(s[y], s[~y]), tpr_at_1pct=tpr_at_fpr(s[y], s[~y], 0.01), tpr_at_01pct=tpr_at_fpr(s[y], s[~y], 0.001)))
     return pd.DataFrame(rows)
 
 def membership_by_sslmem(per_pair, features:str='projector_norm', bins:int=5) -> pd.DataFrame:
     """How membership risk follows SSLMem: for each target, its candidates and independent points are put in `bins` quantile bins of
     their SSLMem from the *other* pairs (sign-flipped for the independent points, whose memorising encoder is g), so a point's bin and
     the attack's score do not share the target pair's noise; per bin the AUROC of the pooled attack decisions."""
-    from sklearn.metrics import roc_auc_score
+    from memssl.estimates import auroc
     m = membership_lira(per_pair, features)
     df = stack_pairs(per_pair)
     df = df[(df['features'] == features) & df['split'].isin(['candidates', 'independent'])]
@@ -207,7 +183,7 @@ def membership_by_sslmem(per_pair, features:str='projector_norm', bins:int=5) ->
     rows = []
     for b, d in m.groupby('bin'):
         rows.append(dict(bin=int(b) + 1, sslmem_low=float(d['mem'].min()), sslmem_high=float(d['mem'].max()), decisions=len(d),
-                         auroc=roc_auc_score(d['member'], d['llr']) if d['member'].nunique() == 2 else float('nan')))
+                         auroc=auroc(d.loc[d['member'], 'llr'], d.loc[~d['member'], 'llr']) if d['member'].nunique() == 2 else float('nan')))
     return pd.DataFrame(rows)
 
 # %% ../nbs/18_pointwise.ipynb #f41208be
@@ -278,11 +254,11 @@ def neighbourhood_summary(per_pair, neighbours:pd.DataFrame, features:str='proje
     d = dict(k=int(sum(c.startswith('n') and c[1:].isdigit() for c in neighbours.columns)), space='pixels',
              r2_candidates=r2('candidates'), r2_extra=r2('extra'))
     if (est['split'] == 'extra').sum() >= 3 and (est['split'] == 'candidates').any():
-        m = memorised_at_fdr(null_pvalues(est), fdr)
+        m = memorised_at_fdr(extra_pvalues(est), fdr)
         d.update(n_memorised=int(m['memorised'].sum()), fraction_memorised=float(m['memorised'].mean()))
     if res['pair'].nunique() >= 2:
-        d['reliability'] = split_half(res, features, role='pool' if design == 'redrawn' else 'candidates')
-        d['reliability_extra'] = split_half(res, features, role='extra')
+        d['reliability'] = pair_reliability(res, features, role='pool' if design == 'redrawn' else 'candidates')
+        d['reliability_extra'] = pair_reliability(res, features, role='extra')
     if canaries is not None and (est['split'] == 'canary_in').any():
         d['canaries'] = [{k: (_num(x) if isinstance(x, float) else x) for k, x in row.items()}
                          for row in canary_table(est, canaries).to_dict('records')]
@@ -344,7 +320,7 @@ def point_scores(per_pair:pd.DataFrame, fdr:float=0.1, design:str='fixed') -> di
         if (e['split'] == 'extra').any(): center_scores(e, on='extra', out='sslmem_centered_extra')
         for k, col in extra.items(): e[k] = col.to_numpy()
         if (e['split'] == 'extra').sum() >= 3:
-            pv = null_pvalues(e.assign(features=v))
+            pv = extra_pvalues(e.assign(features=v))
             e['p_value'], e['p_normal'] = pv['p_value'].to_numpy(), pv['p_normal'].to_numpy()
             e['q_value'], e['memorised'] = np.nan, False
             if (e['split'] == 'candidates').any():
@@ -381,14 +357,14 @@ def pointwise_metrics(per_pair:pd.DataFrame, scores:dict, fdr:float=0.1, canarie
                  null_below_005_normal=float((x['p_normal'] < 0.05).mean()) if len(x) and x['p_normal'].notna().any() else None,
                  median_se=float(c['sslmem_se'].median()) if R > 1 and len(c) else None)
         if R >= 2 and len(c) >= 3:
-            d['reliability'] = split_half(per_pair, v, role=role)
-            d['reliability_pool'] = d['reliability'] if role == 'pool' else split_half(per_pair, v, role='pool')   # every pool point, signed by which encoder trained on it
+            d['reliability'] = pair_reliability(per_pair, v, role=role)
+            d['reliability_pool'] = d['reliability'] if role == 'pool' else pair_reliability(per_pair, v, role='pool')   # every pool point, signed by which encoder trained on it
             if {'align_f', 'align_g'} <= set(per_pair.columns):      # the same with each pair's score normalised, (g - f) / (g + f)
                 ratio = per_pair.assign(sslmem=(per_pair['align_g'] - per_pair['align_f']) / (per_pair['align_g'] + per_pair['align_f']).where(lambda x: x > 0))
-                d['reliability_ratio'] = split_half(ratio, v, role=role)
-            d['reliability_curve'] = reliability_curve(per_pair, v, role=role)[['k', 'r', 'r_sd']].to_dict('records')
+                d['reliability_ratio'] = pair_reliability(ratio, v, role=role)
+            d['reliability_curve'] = reliability_curve(pair_matrix(per_pair, v, role))[['k', 'r', 'r_sd']].to_dict('records')
             if (e['split'] == 'extra').sum() >= 3:            # the same on points no encoder trained on: what is reproducible without memorisation
-                d['reliability_extra'] = split_half(per_pair, v, role='extra')
+                d['reliability_extra'] = pair_reliability(per_pair, v, role='extra')
             if (e['split'] == 'independent').any():
                 mr = membership_report(per_pair, v).iloc[0]
                 d['membership'] = {k: (int(mr[k]) if k in ('targets', 'members', 'non_members') else _num(mr[k]))
@@ -412,7 +388,7 @@ def canary_table(scores:pd.DataFrame, canaries:pd.DataFrame) -> pd.DataFrame:
     """Per canary kind: `n`, `auroc` (planted canaries' mean SSLMem against the real candidates'), `median_rank` among candidates and
     planted canaries (1 = highest), `rises` (share of canaries scoring higher planted than not planted: the paired check, where every
     canary was scored both ways), and the kind's mean planted and unplanted scores."""
-    from sklearn.metrics import roc_auc_score
+    from memssl.estimates import auroc
     kinds = canaries[canaries['kind'] != 'filler'].set_index('idx')['kind']
     cin = scores[scores['split'] == 'canary_in'].set_index('idx')['sslmem']
     cout = scores[scores['split'] == 'canary_out'].set_index('idx')['sslmem']
@@ -424,10 +400,8 @@ def canary_table(scores:pd.DataFrame, canaries:pd.DataFrame) -> pd.DataFrame:
     for kind in dict.fromkeys(kinds.loc[kinds.index.isin(cin.index)]):
         ix = kinds.index[(kinds == kind) & kinds.index.isin(cin.index)]
         both = ix[ix.isin(cout.index)]
-        y = np.r_[np.ones(len(ix)), np.zeros(len(cand))]
-        yo = np.r_[np.ones(len(both)), np.zeros(len(cand))]
-        rows.append(dict(kind=kind, n=len(ix), auroc=roc_auc_score(y, np.r_[cin.loc[ix].to_numpy(float), cand]),
-                         auroc_not_planted=roc_auc_score(yo, np.r_[cout.loc[both].to_numpy(float), cand]) if len(both) else float('nan'),
+        rows.append(dict(kind=kind, n=len(ix), auroc=auroc(cin.loc[ix].to_numpy(float), cand),
+                         auroc_not_planted=auroc(cout.loc[both].to_numpy(float), cand) if len(both) else float('nan'),
                          median_rank=float(rank.loc[ix].median()), n_candidates=len(cand),
                          rises=float((cin.loc[both] > cout.loc[both]).mean()) if len(both) else float('nan'), n_paired=len(both),
                          mean_planted=float(cin.loc[ix].mean()), mean_not_planted=float(cout.loc[both].mean()) if len(both) else float('nan')))

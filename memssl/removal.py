@@ -28,8 +28,8 @@ from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
 from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
-from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, memorised_threshold,
-                             fraction_memorised, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
+from .estimates import null_quantile, fraction_above
+from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
                              atypicality, atypicality_correlation, CANARY_KINDS, STRATEGIES, index_hash)
 
 # %% ../nbs/14_removal.ipynb #09b64d87
@@ -254,8 +254,8 @@ def memorised_summary(scores:pd.DataFrame, sets:dict, features:str, q:float=0.95
     sc = scores[scores['features'] == features]
     null = sc.loc[sc['role'] == 'extra', 'sslmem']
     pool = sc.loc[(sc['role'] == 'pool') & sc['idx'].isin(sets['pool']), 'sslmem']
-    thr = memorised_threshold(null, q)
-    return dict(features=features, q=q, threshold=thr, **fraction_memorised(pool, thr, q))
+    thr = null_quantile(null, q)
+    return dict(features=features, q=q, threshold=thr, **fraction_above(pool, thr, q))
 
 # %% ../nbs/14_removal.ipynb #e300f365
 def removal_plan(p:dict, pool_scores:pd.DataFrame, sets:dict) -> list:

@@ -272,6 +272,7 @@ def limit_setting(p:dict) -> tuple:
 def limits_table(runs:list) -> pd.DataFrame:
     """One row per SSLMem run (a `RunResult`): its limit and seed, and what it does to memorisation, downstream accuracy (the run's
     dataset, `linear_<task>`/`knn_<task>` for each further task, and `random_*` the same for the random encoder) and membership risk."""
+    from memssl.estimates import null_quantile
     rows = []
     for r in runs:
         fam, strength, label = limit_setting(r.params)
@@ -284,7 +285,7 @@ def limits_table(runs:list) -> pd.DataFrame:
         t = t.set_index('test')['welch_p'] if len(t) else pd.Series(dtype=float)
         row = dict(setting=label, family=fam, strength=strength, seed=int(r.params.get('seed', 0)), norm=r.params.get('norm', 'batch'),
                    epsilon_spent=float(hist['epsilon'].iloc[-1]) if 'epsilon' in hist else np.nan,
-                   sslmem_C=c.mean(), se_C=c.std() / np.sqrt(len(c)), sslmem_E=e.mean(), highly=float((c > np.quantile(e, 0.95)).mean()),
+                   sslmem_C=c.mean(), se_C=c.std() / np.sqrt(len(c)), sslmem_E=e.mean(), highly=float((c > null_quantile(e, 0.95)).mean()),
                    p_CE=float(t.get('C > E', np.nan)),
                    linear=np.mean([pr[k]['linear_acc'] for k in ('f', 'g')]), linear_gap=abs(pr['f']['linear_acc'] - pr['g']['linear_acc']) / 2,
                    knn=np.mean([pr[k]['knn_acc'] for k in ('f', 'g')]), knn_gap=abs(pr['f']['knn_acc'] - pr['g']['knn_acc']) / 2,

@@ -778,7 +778,7 @@ def record_sslmem_run(run_dir, dest, command:str, note:str|None=None,
 
 def method_table(runs:list, q:float=0.95) -> pd.DataFrame:
     "One row per run: setup, f's loss, mean SSLMem, fraction highly memorised, the four tests, probes and collapse."
-    from memssl.crossfit import memorised_threshold, fraction_memorised
+    from memssl.estimates import null_quantile, fraction_above
     rows = []
     for r in runs:
         p, m, s = r.params, r.metrics, r.scores
@@ -788,7 +788,7 @@ def method_table(runs:list, q:float=0.95) -> pd.DataFrame:
                    mean_C=float(s.loc[s.split == 'candidates', 'sslmem'].mean()), mean_I=float(s.loc[s.split == 'independent', 'sslmem'].mean()))
         cand, null = s.loc[s.split == 'candidates', 'sslmem'], s.loc[s.split == 'extra', 'sslmem']
         if len(cand) and len(null) >= 2:
-            fr = fraction_memorised(cand, memorised_threshold(null, q), q)
+            fr = fraction_above(cand, null_quantile(null, q), q)
             row.update(highly_memorised=fr['fraction'], p_highly=fr['p_value'])
         row.update({f"p({t['test']})": t.get('welch_p') for t in m['tests'] if t['features'] == m['score_features']})
         for n in ('f', 'random'):
