@@ -577,7 +577,7 @@ def score_points(run:Run, split:Split, train:ImageData, test:ImageData|None) -> 
 def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageData|None, vc:ViewConfig, shard:bool=False) -> dict:
     """SSLMem of every set with every feature variant by each (f, g) of `pairs` (each on its own views), then per point the mean over the
     pairs, its standard error, p-values against the extra set and the memorised candidates at the run's `fdr` (`memssl.pointwise.point_scores`).
-    Writes `scores_pairs.csv` (every pair's scores), `neighbours.csv` (each point's nearest extra points in pixels, at most 32 x 32;
+    Writes `scores_pairs.csv` (every pair's scores), `bank/` (the pairs as a bank: `memssl.bank.write_run_bank`), `neighbours.csv` (each point's nearest extra points in pixels, at most 32 x 32;
     not for streamed images), `scores.csv` and `scores_all.csv` (under torch.distributed with `shard`: scored by
     all processes, written by rank 0). Returns {variant: per-point table}."""
     from memssl.pointwise import point_scores, neighbour_table, NEIGHBOURS_K
@@ -605,6 +605,8 @@ def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageDat
         small = torch.nn.functional.adaptive_avg_pool2d(imgs.float() / 255, (min(32, imgs.shape[2]), min(32, imgs.shape[3])))
         atomic_write_text(run.path('neighbours.csv'), neighbour_table(idx, roles, small.flatten(1)).to_csv(index=False))
     atomic_write_text(run.path('scores_pairs.csv'), long.to_csv(index=False))
+    from memssl.bank import write_run_bank
+    write_run_bank(run, split, long)                                # the same pairs as a bank (membership x alignment), in bank/
     atomic_write_text(run.path('scores.csv'), res[p['score_features']].to_csv(index=False))
     atomic_write_text(run.path('scores_all.csv'), pd.concat([df.assign(features=v) for v, df in res.items()]).to_csv(index=False))
     return res
