@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['EstimateError', 'check_bank_matrices', 'pair_differences', 'point_estimates', 'membership_means', 'placebo_null',
            'benjamini_hochberg', 'null_pvalues', 'spearman_brown', 'reliability_curve', 'split_half', 'null_quantile',
-           'fraction_above', 'auroc', 'tpr_at_fpr']
+           'fraction_above', 'auroc', 'threshold_at_fpr', 'tpr_at_fpr', 'one_model_estimate', 'lira_llr', 'rmia_scores',
+           'calibrated_decisions']
 
 # %% ../nbs/22_estimates.ipynb #0b6c2ecc
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 class EstimateError(ValueError):
     "Matrices that do not fit together, or too few replicates for a statistic."
@@ -177,12 +178,102 @@ def auroc(pos, neg) -> float:
     ranks = stats.rankdata(np.concatenate([pos, neg]))
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
-def tpr_at_fpr(pos, neg, fpr:float) -> float:
-    """The share of positives above the threshold that at most a fraction `fpr` of the negatives exceed; NaN where there are fewer
-    than 1 / `fpr` negatives (a rate of 0.1% is not resolved by 500 negatives: there it would be the rate at no false positive)."""
-    pos, neg = np.asarray(pos, dtype=float), np.sort(np.asarray(neg, dtype=float))
+def threshold_at_fpr(neg, fpr:float) -> float:
+    "The score threshold that at most a fraction `fpr` of the negatives `neg` exceed (a decision is score > threshold); NaN where fewer than 1 / `fpr` negatives resolve it."
+    neg = np.sort(np.asarray(neg, dtype=float))
     if not 0 < fpr < 1: raise EstimateError(f'fpr must be in (0, 1), got {fpr}')
     if len(neg) < 1 / fpr - 1e-9: return float('nan')
     allowed = int(np.floor(fpr * len(neg)))                      # negatives allowed strictly above the threshold
-    thr = neg[len(neg) - allowed - 1] if allowed < len(neg) else -np.inf
-    return float((pos > thr).mean())
+    return float(neg[len(neg) - allowed - 1])
+
+def tpr_at_fpr(pos, neg, fpr:float) -> float:
+    """The share of positives above the threshold that at most a fraction `fpr` of the negatives exceed; NaN where there are fewer
+    than 1 / `fpr` negatives (a rate of 0.1% is not resolved by 500 negatives: there it would be the rate at no false positive)."""
+    thr = threshold_at_fpr(neg, fpr)
+    return float((np.asarray(pos, dtype=float) > thr).mean()) if thr == thr else float('nan')
+
+# %% ../nbs/22_estimates.ipynb #6c8116b1
+def _masked_mean(X, W) -> np.ndarray:
+    "Per point (column): the mean of `X` over the rows where `W` holds (NaN where none does)."
+    n = W.sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(n > 0, (np.where(W, X, 0.0)).sum(0) / np.maximum(n, 1), np.nan)
+
+def one_model_estimate(target, A, M) -> dict:
+    """The memorisation estimate of one encoder that a lab holds, against reference encoders: per point, the mean alignment of the
+    references that did not train on it (`A` (references, points), `M` their membership) minus the `target`'s alignment (points,);
+    `se` is the references' standard deviation over sqrt of their number `n` (NaN where fewer than 2 references are non-members)."""
+    A, M, _ = check_bank_matrices(A, M)
+    t = np.asarray(target, dtype=float)
+    if t.shape != (A.shape[1],): raise EstimateError(f'the target has {t.shape} alignments; the references score {A.shape[1]} points')
+    out = ~M
+    n = out.sum(0)
+    mu = _masked_mean(A, out)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        sd = np.sqrt(np.where(n > 1, (np.where(out, (A - mu) ** 2, 0.0)).sum(0) / np.maximum(n - 1, 1), np.nan))
+    return dict(estimate=mu - t, se=sd / np.sqrt(np.maximum(n, 1)), n=n)
+
+def lira_llr(target, A, M, offsets:str='global') -> np.ndarray:
+    """LiRA's log-likelihood ratio per point (Carlini et al. 2022) of the `target`'s alignment (points,) under the references that
+    trained on the point (IN) against those that did not (OUT), each a normal with one standard deviation pooled over points and
+    references. Lower alignment is more like a member, so a member's ratio is high. `offsets`: 'global' (each point's centre from all its
+    references, the IN - OUT shift from all points together: what works with few references) or 'per_point' (LiRA's own IN and OUT
+    means per point; needs many references)."""
+    if offsets not in ('global', 'per_point'): raise EstimateError(f"offsets must be 'global' or 'per_point', got {offsets!r}")
+    A, M, _ = check_bank_matrices(A, M)
+    t = np.asarray(target, dtype=float)
+    if t.shape != (A.shape[1],): raise EstimateError(f'the target has {t.shape} alignments; the references score {A.shape[1]} points')
+    if not (M.any(0) & (~M).any(0)).all(): raise EstimateError('LiRA needs every point to have references that trained on it and references that did not')
+    mi, mo = _masked_mean(A, M), _masked_mean(A, ~M)
+    if offsets == 'global':
+        c, shift = (mi + mo) / 2, np.mean(mi - mo)
+        mi, mo = c + shift / 2, c - shift / 2
+    res = np.where(M, A - mi, A - mo)
+    dof = A.size - 2 * A.shape[1]
+    sd = np.sqrt(max((res ** 2).sum() / dof, 1e-12)) if dof > 0 else max(float(np.std(mi - mo)) / np.sqrt(2), 1e-6)
+    return stats.norm.logpdf(t, mi, sd) - stats.norm.logpdf(t, mo, sd)
+
+def rmia_scores(target, A, population, gamma:float=1.0, temperature:float|None=None) -> np.ndarray:
+    """RMIA's membership score per point (Zarifzadeh et al. 2024): the share of `population` points z (bool mask or indices of points the
+    target did not train on) whose likelihood ratio the point's exceeds by a factor `gamma`, LR(x) / LR(z) > gamma, where
+    LR(x) = p(x | target) / mean over the references of p(x | reference). An encoder has no label probability; memssl takes
+    p(x | encoder) = exp(-alignment / temperature), `temperature` by default the references' standard deviation of alignment around each
+    point's mean (pooled), so the score does not depend on the alignment's units. With references on random halves every point has
+    references that trained on it and that did not, and the mean over all of them is RMIA's online Pr(x). A population point is
+    compared with the other population points."""
+    A = np.asarray(A, dtype=float); t = np.asarray(target, dtype=float)
+    if A.ndim != 2 or t.shape != (A.shape[1],): raise EstimateError(f'target {t.shape} and references {A.shape} must score the same points')
+    if not np.isfinite(A).all() or not np.isfinite(t).all(): raise EstimateError('alignments must be finite')
+    if gamma <= 0: raise EstimateError(f'gamma must be positive, got {gamma}')
+    pop = np.zeros(A.shape[1], bool); pop[np.asarray(population)] = True
+    if pop.sum() < 3: raise EstimateError(f'RMIA compares with population points; it has {int(pop.sum())}')
+    if temperature is None:
+        temperature = float(np.sqrt(((A - A.mean(0)) ** 2).sum() / max(A.size - A.shape[1], 1)))
+    if temperature <= 0: raise EstimateError('the references agree exactly on every point: no temperature to scale alignment by')
+    log_lr = -t / temperature - (special.logsumexp(-A / temperature, axis=0) - np.log(len(A)))   # log p(x|target) - log mean p(x|ref)
+    z = np.sort(log_lr[pop])
+    below = np.searchsorted(z, log_lr - np.log(gamma), side='left')          # #{z: LR(z) < LR(x) / gamma}
+    below = below - (pop & (0 < -np.log(gamma))).astype(int)                   # a population point is not compared with itself
+    return below / np.where(pop, len(z) - 1, len(z))
+
+def calibrated_decisions(scores, member, fprs=(0.01, 0.001), seed:int=0) -> pd.DataFrame:
+    """Decisions at each nominal false-positive rate, checked honestly: the known non-members (`member` False) are split at random into a
+    calibration half, which sets the threshold (`threshold_at_fpr`), and a test half, on which the false-positive rate is measured
+    (`fpr_measured`). `band_low`/`band_high` is the 95% band that the measured rate falls in when the procedure holds: the threshold
+    is an order statistic of the calibration scores, so the rate it truly has is Beta distributed around the nominal one, and the test
+    count is binomial given it (a beta-binomial; a band for the test count alone would be too narrow). `in_band` says whether it does;
+    `tpr` is the share of members above the threshold."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(member, dtype=bool)
+    if s.shape != y.shape: raise EstimateError(f'{len(s)} scores but {len(y)} membership labels')
+    neg = np.random.default_rng(seed).permutation(np.flatnonzero(~y))
+    cal, test = neg[:len(neg) // 2], neg[len(neg) // 2:]
+    rows = []
+    for a in fprs:
+        thr = threshold_at_fpr(s[cal], a)
+        allowed = int(np.floor(a * len(cal)))
+        lo, hi = stats.betabinom.interval(0.95, len(test), allowed + 1, len(cal) - allowed)
+        fm = float((s[test] > thr).mean()) if thr == thr else float('nan')
+        rows.append(dict(fpr_nominal=a, threshold=thr, fpr_measured=fm, band_low=lo / len(test), band_high=hi / len(test),
+                         in_band=bool(lo / len(test) <= fm <= hi / len(test)) if fm == fm else False, n_calibration=len(cal), n_test=len(test),
+                         tpr=float((s[y] > thr).mean()) if thr == thr else float('nan'), n_members=int(y.sum())))
+    return pd.DataFrame(rows)

@@ -130,23 +130,16 @@ def membership_lira(per_pair, features:str='projector_norm', offsets:str='global
     g = df.pivot(index='idx', columns='pair', values='align_g').reindex(f.index).dropna(); f = f.loc[g.index]
     role = df.pivot(index='idx', columns='pair', values='split').loc[f.index]
     cands = (role == 'candidates').to_numpy()                               # (points, pairs): f trained on it (else g), in that pair
-    IN, OUT = np.where(cands, f.to_numpy(), g.to_numpy()), np.where(cands, g.to_numpy(), f.to_numpy())   # (points, pairs)
+    from memssl.estimates import lira_llr                                   # one implementation, shared with the audit of one encoder
+    A = np.concatenate([f.to_numpy().T, g.to_numpy().T])                    # (2 pairs, points): every f, then every g
+    M = np.concatenate([cands.T, ~cands.T])
     rows = []
     for j, t in enumerate(pairs):
-        others = [i for i in range(len(pairs)) if i != j]
-        I, O = IN[:, others], OUT[:, others]                                  # (points, R - 1) shadows each
-        if offsets == 'per_point':
-            mi, mo = I.mean(1), O.mean(1)
-        else:
-            c, shift = (I.mean(1) + O.mean(1)) / 2, (I - O).mean()              # centre per point, IN - OUT shift over all points
-            mi, mo = c + shift / 2, c - shift / 2
-        ri, ro = I - mi[:, None], O - mo[:, None]
-        sd = np.sqrt(max(((ri ** 2).sum() + (ro ** 2).sum()) / max(1, ri.size + ro.size - 2 * len(mi)), 1e-12)) if len(others) > 1 \
-             else max(np.std(I - O) / np.sqrt(2), 1e-6)
+        others = np.r_[[i for i in range(len(pairs)) if i != j], [len(pairs) + i for i in range(len(pairs)) if i != j]]   # shadows: the other pairs' encoders
         for r, col in (('f', f), ('g', g)):
             s = col.to_numpy()[:, j]
             member = cands[:, j] if r == 'f' else ~cands[:, j]
-            llr = stats.norm.logpdf(s, mi, sd) - stats.norm.logpdf(s, mo, sd)
+            llr = lira_llr(s, A[others], M[others], offsets)
             rows.append(pd.DataFrame(dict(target=f'{r}{t}', idx=f.index, split=role.iloc[:, j].to_numpy(), member=member, stat=s, llr=llr)))
     return pd.concat(rows, ignore_index=True)
 
