@@ -72,6 +72,10 @@ def book(tmp_path_factory):
     lm = validate_labelmem_params(dict(source_run=str(root / 'runs' / 'tiny'), n_models=4, epochs=1, batch_size=32, device='cpu',
                                        run_dir=str(root / 'runs' / 'labelmem' / 'tiny')))
     assert execute_run(root / 'experiments' / 'labelmem.ipynb', lm, echo=False) == 'complete'
+    from memssl.target import validate_target_params
+    tg = validate_target_params(dict(source_run=str(root / 'runs' / 'tiny'), n_refs=2, n_views=4, n_population=40, fprs=[0.1, 0.01],
+                                     device='cpu', parallel=False, run_dir=str(root / 'runs' / 'target' / 'tiny')))
+    assert execute_run(root / 'experiments' / 'target.ipynb', tg, echo=False) == 'complete'
     html = build_book(root, strict=True)          # raises on any Sphinx warning or notebook error
     return root, html
 
@@ -81,7 +85,7 @@ PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibrati
          'book/limits.html', 'runs/dejavu/tiny/report.html', 'runs/labelmem/tiny/report.html', 'book/library/20_compare.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html',
-         'book/guide.html', 'book/glossary.html']
+         'book/guide.html', 'book/glossary.html', 'runs/target/tiny/report.html', 'book/library/23_target.html']
 
 
 @pytest.mark.parametrize('page', PAGES)
@@ -97,7 +101,8 @@ def test_page_exists_without_errors_or_nbdev_noise(book, page):
                                                ('book/generalisation.html', 6), ('runs/removal/tiny/report.html', 8),
                                                ('book/library/03_augment.html', 1), ('book/methods.html', 2),
                                                ('book/layers.html', 2), ('runs/layers/tiny/report.html', 2),
-                                               ('runs/dejavu/tiny/report.html', 3), ('runs/labelmem/tiny/report.html', 2)])
+                                               ('runs/dejavu/tiny/report.html', 3), ('runs/labelmem/tiny/report.html', 2),
+                                               ('runs/target/tiny/report.html', 3)])
 def test_figures_are_real_images(book, page, min_figures):
     root, html = book
     text = (html / page).read_text()
