@@ -23,7 +23,7 @@ from .augment import ViewConfig
 from .models import load_encoder, read_checkpoint, CheckpointError
 from .memorization import alignment_scores, FEATURES
 from .train import TrainConfig, fit_many
-from .runs import (RunError, Run, RunResult, known_params, check_ints, check_destination, check_dataset_name, check_same_run,
+from .runs import (RunError, Run, RunResult, known_params, params_diff, check_ints, check_destination, check_dataset_name, check_same_run,
                          claim_run, complete_run, params_id, set_status, pair_training_sets, planted_train, run_canaries)
 from .crossfit import index_hash
 from .bank import Bank, BankError
@@ -131,12 +131,15 @@ class TargetRun(Run):
     def __repr__(self): return f"TargetRun({self.dir}, {Path(self.params['target']).name})"
 
 def start_target_run(params:dict) -> TargetRun:
-    "Validate, claim the run directory, and record the parameters with the SHA-256 of the target's checkpoint (a changed file is another audit)."
+    """Validate, claim the run directory, and record the parameters with the SHA-256 of the target's checkpoint (a changed file is another
+    audit). The same audit with a larger `n_refs` grows: the references it has are kept, the new ones trained and scored."""
     p = validate_target_params(params)
     run = TargetRun(p)
     files = dict(target=dict(path=p['target'], sha256=file_sha256(p['target'])))
-    check_same_run(run.dir, p, 'choose another run_dir or delete that directory')
     old = run.path('params.json')
+    prev = read_json(old).get('params', {}) if old.exists() else {}
+    grows = bool(prev) and set(params_diff(prev, p)) == {'n_refs'} and prev['n_refs'] < p['n_refs']
+    if not grows: check_same_run(run.dir, p, 'choose another run_dir or delete that directory (an audit grows only by n_refs)')
     if old.exists() and read_json(old).get('files') != files:
         raise RunError(f'{run.dir} holds an audit of another target checkpoint (the file changed, or another file); choose another run_dir')
     return claim_run(run, experiment='target', files=files)
@@ -211,6 +214,7 @@ def train_references(run:TargetRun, inp:dict) -> Bank:
     if (bdir / 'bank.json').exists():
         bank = Bank(bdir)
         if not bank.points[['idx', 'role']].equals(pts[['idx', 'role']]): raise RunError(f'{bdir} holds a bank of other points; choose another run_dir')
+        if bank.n_pairs < p['n_refs'] // 2: bank.grow(p['n_refs'] // 2)         # grown by more references: the others stay as they are
     else: bank = Bank.create(bdir, pts, p['n_refs'] // 2, seed=p['seed'], design='redrawn')
     with run.timed('references'):
         for r in range(bank.n_pairs):
