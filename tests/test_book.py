@@ -85,7 +85,7 @@ PAGES = ['intro.html', 'book/results.html', 'book/methods.html', 'book/calibrati
          'book/limits.html', 'runs/dejavu/tiny/report.html', 'runs/labelmem/tiny/report.html', 'book/library/20_compare.html',
          'book/claims.html', 'runs/removal/tiny/report.html', 'book/library/13_crossfit.html', 'book/library/14_removal.html',
          'book/library/08_memorization.html', 'book/library/00_data.html', 'book/library/03_augment.html',
-         'book/guide.html', 'book/glossary.html', 'runs/target/tiny/report.html', 'book/library/23_target.html']
+         'book/guide.html', 'book/glossary.html', 'runs/target/tiny/report.html', 'book/library/23_target.html', 'book/target.html']
 
 
 @pytest.mark.parametrize('page', PAGES)
