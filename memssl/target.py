@@ -407,6 +407,9 @@ def main(argv=None):
     c = pd.DataFrame(m['calibration'])
     print(f"memssl-target: complete: {p.get('run_dir', TARGET_DEFAULTS['run_dir'])} | {m['n_refs']} references, {m['n_audited']} members audited")
     for _, r in c.iterrows():
-        print(f"  {r['attack']:6s} FPR {r['fpr_nominal']:g}: measured {r['fpr_measured']:.4f} (band {r['band_low']:.4f}-{r['band_high']:.4f}), TPR {r['tpr']:.4f}, AUROC {r['auroc']:.3f}")
+        if pd.isna(r['threshold']):
+            print(f"  {r['attack']:6s} FPR {r['fpr_nominal']:g}: no decision ({r['n_calibration']} population images cannot set a threshold there), AUROC {r['auroc']:.3f}")
+        else:
+            print(f"  {r['attack']:6s} FPR {r['fpr_nominal']:g}: measured {r['fpr_measured']:.4f} (band {r['band_low']:.4f}-{r['band_high']:.4f}), TPR {r['tpr']:.4f}, AUROC {r['auroc']:.3f}")
     if m['levels']['warning']: print('  warning:', m['levels']['warning'])
     return 0

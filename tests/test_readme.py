@@ -63,7 +63,7 @@ def test_the_number_check_catches_a_measurement():
 
 def journeys() -> dict:
     found = dict(re.findall(r'<!-- journey: ([\w-]+) -->\s*```bash\n(.*?)```', README, re.S))
-    assert set(found) == {'reproduce', 'gpu', 'audit-pair', 'audit-one'}, sorted(found)
+    assert set(found) == {'reproduce', 'gpu', 'audit-pair', 'audit-target', 'audit-one'}, sorted(found)
     return found
 
 
@@ -114,6 +114,13 @@ def test_journey_reproduce_runs_verbatim(sandbox):
     for rd in ('runs/fashion_mnist-simclr-small_cnn-s0', 'runs/layers/layers-fashion_mnist-simclr-small_cnn-s0',
                'runs/dejavu/dejavu-fashion_mnist-simclr-small_cnn-s0'):
         assert is_complete(sandbox / rd), rd
+
+
+def test_journey_audit_target_runs_verbatim(sandbox):
+    "After journey 1 (the same sandbox): the default run's f audited against reference encoders of its recipe."
+    if not is_complete(sandbox / 'runs' / 'fashion_mnist-simclr-small_cnn-s0'): run_journey(sandbox, 'reproduce')
+    run_journey(sandbox, 'audit-target')
+    assert is_complete(sandbox / 'runs' / 'target' / 'default-f')
 
 
 def test_journey_gpu_runs_verbatim_on_the_cpu(sandbox):
