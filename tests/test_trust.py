@@ -135,3 +135,30 @@ def test_killed_removal_run_resumes_to_the_uninterrupted_result(data, removal_re
     pd.testing.assert_frame_equal(got[0], removal_ref[0], check_exact=True)
     pd.testing.assert_frame_equal(got[1], removal_ref[1], check_exact=True)
     assert got[2] == removal_ref[2]
+
+
+TARGET = Path(sys.executable).parent / 'memssl-target'
+
+
+def target_cmd(d: Path, name: str) -> list:
+    "A target audit of the reference run's f (parallel off: the kill point is one reference's training)."
+    src = run_dir(d, 'ref')
+    return [str(TARGET), '--set', f'source_run={src}', '--set', 'n_refs=2', '--set', 'n_views=4', '--set', 'n_population=40',
+            '--set', 'device=cpu', '--set', 'parallel=false', '--set', f'run_dir={d / name}']
+
+
+def test_killed_target_audit_resumes_to_the_uninterrupted_result(data):
+    "An audit of one encoder killed while its second reference trains ends, run again, with the uninterrupted audit's tables."
+    d, npz, ref = data
+    r = subprocess.run(target_cmd(d, 'target-ref'), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc = subprocess.Popen(target_cmd(d, 'target-kill'), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (d / 'target-kill' / 'refs' / 'e1' / 'last.pt').is_file(), proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    assert not is_complete(d / 'target-kill'), 'the audit finished before it was killed'
+    r = subprocess.run(target_cmd(d, 'target-kill'), capture_output=True, text=True)      # the same command again
+    assert r.returncode == 0 and 'complete' in r.stdout, r.stdout + r.stderr
+    for f in ('audit.csv', 'calibration.csv', 'by_refs.csv'):
+        pd.testing.assert_frame_equal(pd.read_csv(d / 'target-kill' / f), pd.read_csv(d / 'target-ref' / f), check_exact=True)
