@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAIR_KEY', 'POOL', 'NEIGHBOURS_K', 'POINT_COLUMNS', 'LIRA_PER_POINT_MIN_PAIRS', 'PointwiseError', 'stack_pairs',
-           'point_estimates', 'extra_pvalues', 'memorised_at_fdr', 'pair_matrix', 'pair_reliability', 'membership_lira',
+           'role_means', 'extra_pvalues', 'memorised_at_fdr', 'pair_matrix', 'pair_reliability', 'membership_lira',
            'membership_report', 'membership_by_sslmem', 'nearest_reference', 'neighbour_table',
            'neighbourhood_residuals', 'neighbourhood_summary', 'pairs_as_bank', 'pool_estimates', 'point_scores',
            'pointwise_metrics', 'canary_table']
@@ -37,8 +37,8 @@ def stack_pairs(tables) -> pd.DataFrame:
     if dup.any(): raise PointwiseError(f'{int(dup.sum())} rows repeat a (features, split, idx, pair); was a pair passed twice?')
     return df
 
-def point_estimates(per_pair, features=None) -> pd.DataFrame:
-    "Per point and feature variant: `n_pairs`, mean `sslmem` (and alignments) over the pairs, and its standard error `sslmem_se` (NaN for one pair)."
+def role_means(per_pair, features=None) -> pd.DataFrame:
+    "Per point, role and feature variant: `n_pairs`, the mean `sslmem` (and alignments) over the pairs where the point had that role, and its standard error `sslmem_se` (NaN for one pair); the paper's per-set statistics read these. A pool point's memorisation estimate over every pair is `memssl.estimates.point_estimates`."
     df = stack_pairs(per_pair)
     if features is not None:
         features = [features] if isinstance(features, str) else list(features)
@@ -238,7 +238,7 @@ def neighbourhood_summary(per_pair, neighbours:pd.DataFrame, features:str='proje
     """How much of the pairs' mean score the neighbourhood predicts (`r2_*`: squared correlation of a point's mean score with its
     neighbours' mean, candidates and extra), and the residual score's split-half reliability, memorised set and canary table."""
     res = neighbourhood_residuals(per_pair, neighbours, features)
-    est = point_estimates(res, features)
+    est = role_means(res, features)
     nbr = res.groupby(['split', 'idx'])['sslmem_nbr'].mean()
     raw = stack_pairs(per_pair); raw = raw[raw['features'] == features].groupby(['split', 'idx'])['sslmem'].mean()
     def r2(role):
@@ -302,7 +302,7 @@ def point_scores(per_pair:pd.DataFrame, fdr:float=0.1, design:str='fixed') -> di
     A row per point and role: under a redrawn design a pool point has a candidates row (its mean over the pairs where f trained on it) and an
     independent row (where g did), and both carry its `pool_estimates` (`estimate`, ...), whose p-values, q-values and `memorised` replace
     the role means' (whose null, the extra set's mean over every pair, would not fit a mean over some of the pairs)."""
-    est = point_estimates(per_pair)
+    est = role_means(per_pair)
     out = {}
     for v, e in est.groupby('features', sort=False):
         e = e.drop(columns='features').reset_index(drop=True)
