@@ -316,7 +316,8 @@ def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
              n_population=int((~member).sum()), recipe=dict(method=rec['method'], backbone=rec['config'].get('backbone'), target_epochs=rec['train']['epochs'],
                                                            reference_epochs=p['epochs'] or rec['train']['epochs']),
              calibration=json.loads(cal.to_json(orient='records')), flagged=flagged, levels=alignment_levels(bank, t, p),
-             by_refs=json.loads(byk.to_json(orient='records')), timings=run.timings)
+             by_refs=json.loads(byk.to_json(orient='records')), timings=run.timings,
+             reference_seconds=[round(sum(h['seconds'] for h in read_json(run.path(f'refs/e{k}/history.json'))), 1) for k in range(len(bank.encoders))])
     atomic_write_json(run.path('metrics.json'), m)
     complete_run(run)
     return m
