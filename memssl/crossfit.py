@@ -24,6 +24,7 @@ from .io import atomic_write_text, atomic_write_json, read_json
 from .data import ImageData, fingerprint, cat_images
 from .augment import ViewConfig
 from .models import load_encoder
+from .estimates import grouped_mean_se
 from .methods import METHODS
 from .train import TrainConfig, fit_many, changed_keys
 from .memorization import sslmem_scores, scoring_views, FEATURES
@@ -259,7 +260,7 @@ def aggregate_scores(per_seed,              # list of `crossfit_seed` tables (on
     g = df.groupby(['features', 'role', 'idx', 'pair'], sort=False)
     out = g[cols + ['sslmem']].mean()
     if 'label' in df.columns: out.insert(0, 'label', g['label'].first())
-    out['sslmem_sem'] = g['sslmem'].std(ddof=1) / np.sqrt(g['sslmem'].count())
+    out['sslmem_sem'] = grouped_mean_se(df, ['features', 'role', 'idx', 'pair'], 'sslmem', 'seed')['se'].to_numpy()
     out.insert(0, 'n_seeds', g['seed'].nunique())
     out = out.reset_index()
     key = pd.DataFrame({'v': out['features'].map({v: i for i, v in enumerate(feats)}),

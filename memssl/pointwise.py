@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from .memorization import FEATURES
+from .estimates import grouped_mean_se
 
 class PointwiseError(ValueError):
     "Per-point statistics asked of tables that cannot give them."
@@ -50,7 +51,7 @@ def role_means(per_pair, features=None) -> pd.DataFrame:
     out = g[cols].mean()
     if 'label' in df.columns: out.insert(0, 'label', g['label'].first())
     out.insert(0, 'n_pairs', g['pair'].nunique())
-    out['sslmem_se'] = g['sslmem'].std(ddof=1) / np.sqrt(out['n_pairs'])
+    out['sslmem_se'] = grouped_mean_se(df, PAIR_KEY, 'sslmem', 'pair')['se'].to_numpy()      # the groups in the same first-seen order
     out = out.reset_index()
     return out[['features', 'idx', 'split'] + [c for c in out.columns if c not in ('features', 'idx', 'split')]]
 
