@@ -211,12 +211,13 @@ def start_target_run(params:dict) -> TargetRun:
     p = validate_target_params(params)
     run = TargetRun(p)
     files = dict(target=dict(path=p['target'], sha256=file_sha256(p['target'])))
+    if p['recipe']: files['recipe'] = dict(path=p['recipe'], sha256=file_sha256(p['recipe']))   # a changed recipe is another audit too
     old = run.path('params.json')
     prev = read_json(old).get('params', {}) if old.exists() else {}
     grows = bool(prev) and set(params_diff(prev, p)) == {'n_refs'} and prev['n_refs'] < p['n_refs']
     if not grows: check_same_run(run.dir, p, 'choose another run_dir or delete that directory (an audit grows only by n_refs)')
     if old.exists() and read_json(old).get('files') != files:
-        raise RunError(f'{run.dir} holds an audit of another target checkpoint (the file changed, or another file); choose another run_dir')
+        raise RunError(f'{run.dir} holds an audit of another target or recipe (a file changed, or another file); choose another run_dir')
     return claim_run(run, experiment='target', files=files)
 
 # %% ../nbs/23_target.ipynb #a885e129
