@@ -226,6 +226,7 @@ def target_inputs(run:TargetRun) -> dict:
     checkpoint records (its data's fingerprint, its training set's index hash) and against the dataset (indices that name no image)."""
     p, rng = run.params, np.random.default_rng([run.params['seed'], 11])
     rec = target_recipe(p['recipe'] or p['target'])
+    own = (rec if not p['recipe'] else target_recipe(p['target'])) if p['format'] == 'memssl' else None   # what the target's checkpoint records
     with run.timed('load'):
         train = load_dataset(p['dataset'], p['data_root'], 'train')
         exclude = np.zeros(0, np.int64)
@@ -246,7 +247,7 @@ def target_inputs(run:TargetRun) -> dict:
         if x is not None and (x >= n).any():
             bad = x[x >= n]
             raise RunError(f'the {what} list names {len(bad)} images that are not in {train.name} (its train split has {n}), e.g. index {int(bad[0])}')
-    prov = target_recipe(p['target'])['provenance'] if p['format'] == 'memssl' else {}    # what the target's own checkpoint records (others: nothing)
+    prov = own['provenance'] if own else {}                                    # another format records nothing
     if prov.get('fingerprint') and prov['fingerprint'] != train.fingerprint:
         raise RunError(f"the target was trained on data of fingerprint {prov['fingerprint']}, but {train.name} here is {train.fingerprint}: another or a changed dataset")
     if prov.get('train_hash') and prov['train_hash'] != index_hash(members):
@@ -263,7 +264,7 @@ def target_inputs(run:TargetRun) -> dict:
     points = pd.DataFrame(dict(idx=np.r_[audited, population], set='pool', role=['member'] * len(audited) + ['population'] * len(population)))
     points['label'] = labels[points['idx'].to_numpy()]
     target = load_target(p, run.device)
-    return dict(train=train, target=target, recipe=rec, points=points, n_members=len(members))
+    return dict(train=train, target=target, recipe=rec, own_recipe=own, points=points, n_members=len(members))
 
 def reference_jobs(run:TargetRun, inp:dict, bank:Bank, pair:int) -> list:
     "The `fit` jobs of the bank's pair `pair`: the target's recipe (epochs as the run says), each reference on its half, its own seed."
@@ -397,7 +398,7 @@ def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
     flagged = {f"{a}@{f:g}": int(tab.loc[member, f'flag_{a}_{f:g}'].sum()) for a in ATTACKS for f in p['fprs']}
     m = dict(params_id=params_id(p), experiment='target', n_refs=len(bank.encoders), n_audited=int(member.sum()), n_members=inp['n_members'],
              n_population=int((~member).sum()), recipe=dict(method=rec['method'], backbone=rec['config'].get('backbone'), format=p['format'],
-                                                           target_epochs=target_recipe(p['target'])['train']['epochs'] if p['format'] == 'memssl' else None,
+                                                           target_epochs=inp['own_recipe']['train']['epochs'] if inp['own_recipe'] else None,
                                                            reference_epochs=p['epochs'] or rec['train']['epochs']),
              calibration=json.loads(cal.to_json(orient='records')), flagged=flagged, levels=alignment_levels(bank, t, p),
              by_refs=json.loads(byk.to_json(orient='records')), timings=run.timings,
