@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['FORMATS', 'RESNET_CHILDREN', 'HEAD_ACTIVATIONS', 'AUDIT_DEFAULTS', 'NEEDS_ARCH', 'DATASET_CHANNELS',
            'UNITMEM_DEFAULTS', 'read_state_dict', 'with_prefix', 'GreyToRGB', 'WithHead', 'input_channels',
-           'build_head', 'read_head', 'torchvision_resnet', 'timm_model', 'load_external', 'pair_paths', 'file_sha256',
-           'dataset_channels', 'check_model_params', 'validate_audit_params', 'Audit', 'start_audit', 'audit_data',
-           'check_head', 'audit_encoders', 'audit_pairs', 'audit_views', 'audit_scores', 'finish_audit',
-           'validate_unitmem_params', 'UnitmemAudit', 'start_unitmem_run', 'unitmem_points', 'run_unitmem_audit',
-           'finish_unitmem_run', 'UnitmemResult', 'main']
+           'build_head', 'read_head', 'torchvision_resnet', 'timm_model', 'memssl_backbone', 'load_external',
+           'pair_paths', 'file_sha256', 'dataset_channels', 'check_model_params', 'validate_audit_params', 'Audit',
+           'start_audit', 'audit_data', 'check_head', 'audit_encoders', 'audit_pairs', 'audit_views', 'audit_scores',
+           'finish_audit', 'validate_unitmem_params', 'UnitmemAudit', 'start_unitmem_run', 'unitmem_points',
+           'run_unitmem_audit', 'finish_unitmem_run', 'UnitmemResult', 'main']
 
 # %% ../nbs/15_audit.ipynb #17d922c9
 import dataclasses, hashlib, importlib, json, time
@@ -152,6 +152,15 @@ def timm_model(arch:str, sd:dict) -> nn.Module:
         kw = dict(patch_size=p, in_chans=C, img_size=int(round(n_tok ** 0.5)) * p)
     return timm.create_model(name, pretrained=False, num_classes=0, **kw)
 
+def memssl_backbone(arch:str, sd:dict) -> nn.Module:
+    "The memssl backbone `arch` (`memssl.models.BACKBONES`) that the weights `sd` fit: input channels, and for a ViT its image and patch size, read from them."
+    if 'patch_embed.proj.weight' in sd:                                          # a ViT fixes its image and patch size
+        D, C, p, _ = sd['patch_embed.proj.weight'].shape
+        return build_backbone(arch, C, int(round((sd['pos_embed'].shape[1] - 1) ** 0.5)) * p, patch_size=p)
+    conv = next((v for v in sd.values() if v.ndim == 4), None)
+    if conv is None: raise CheckpointError(f'the weights hold no convolution or patch embedding: not a memssl {arch} backbone ({sorted(sd)[:5]} ...)')
+    return build_backbone(arch, conv.shape[1], 32)
+
 def _load(module:nn.Module, sd:dict, path, fmt:str) -> nn.Module:
     try: missing, unexpected = module.load_state_dict(sd, strict=False)
     except RuntimeError as e:                                                     # shapes that differ
@@ -183,18 +192,16 @@ def load_external(path, fmt:str, arch:str|None=None, factory:str|None=None,
         return _load(timm_model(arch, sd), sd, path, fmt)
     if fmt == 'state_dict':
         if arch not in BACKBONES: raise ValueError(f'arch must be a memssl backbone {sorted(BACKBONES)}, got {arch!r}')
-        if 'patch_embed.proj.weight' in sd:                                          # a ViT fixes its image and patch size
-            D, C, p, _ = sd['patch_embed.proj.weight'].shape
-            m = build_backbone(arch, C, int(round((sd['pos_embed'].shape[1] - 1) ** 0.5)) * p, patch_size=p)
-        else: m = build_backbone(arch, next(v for v in sd.values() if v.ndim == 4).shape[1], 32)
-        return _load(m, sd, path, fmt)
+        return _load(memssl_backbone(arch, sd), sd, path, fmt)
     bb = with_prefix(sd, 'backbone.')
     if not bb: raise CheckpointError(f"{path} ({fmt}): no 'backbone.' weights; its keys start {sorted({k.split('.')[0] for k in sd})}")
     if fmt == 'lightly':
         if all(k.split('.')[0].isdigit() for k in bb):                              # nn.Sequential(*list(resnet.children())[:-1])
             bb = {f"{RESNET_CHILDREN[int(k.split('.', 1)[0])]}.{k.split('.', 1)[1]}": v for k, v in bb.items()}
         elif any(k.startswith('vit.') for k in bb): bb = with_prefix(bb, 'vit.')      # lightly's MaskedVisionTransformerTIMM
-    if 'patch_embed.proj.weight' in bb: m = _load(timm_model(arch, bb), {k: v for k, v in bb.items() if not k.startswith('head.')}, path, fmt)
+    if arch in BACKBONES and not hasattr(torchvision.models, arch) and 'patch_embed.proj.weight' not in bb:   # memssl's own CNNs (small_cnn, resnet9) in lightly's or solo-learn's loop
+        m = _load(memssl_backbone(arch, bb), bb, path, fmt)
+    elif 'patch_embed.proj.weight' in bb: m = _load(timm_model(arch, bb), {k: v for k, v in bb.items() if not k.startswith('head.')}, path, fmt)
     else: m = _load(torchvision_resnet(arch, bb), {k: v for k, v in bb.items() if not k.startswith('fc.')}, path, fmt)
     h = read_head(sd, fmt, path, head_activation) if head else None
     return m if h is None else WithHead(m, h).eval()

@@ -249,7 +249,9 @@ def rmia_scores(target, A, population, gamma:float=1.0, temperature:float|None=N
     p(x | encoder) = exp(-alignment / temperature), `temperature` by default the references' standard deviation of alignment around each
     point's mean (pooled), so the score does not depend on the alignment's units. With references on random halves every point has
     references that trained on it and that did not, and the mean over all of them is RMIA's online Pr(x). A population point is
-    compared with the other population points."""
+    compared with the other population points. One reference has no spread around a point's mean; its temperature is then the spread
+    of the target's alignment minus the reference's over the population (with `gamma` 1 the ranking does not depend on it: the score
+    is the share of population points whose reference-minus-target alignment is below the point's)."""
     A = np.asarray(A, dtype=float); t = np.asarray(target, dtype=float)
     if A.ndim != 2 or t.shape != (A.shape[1],): raise EstimateError(f'target {t.shape} and references {A.shape} must score the same points')
     if not np.isfinite(A).all() or not np.isfinite(t).all(): raise EstimateError('alignments must be finite')
@@ -257,7 +259,8 @@ def rmia_scores(target, A, population, gamma:float=1.0, temperature:float|None=N
     pop = np.zeros(A.shape[1], bool); pop[np.asarray(population)] = True
     if pop.sum() < 3: raise EstimateError(f'RMIA compares with population points; it has {int(pop.sum())}')
     if temperature is None:
-        temperature = float(np.sqrt(((A - A.mean(0)) ** 2).sum() / max(A.size - A.shape[1], 1)))
+        temperature = (float(np.std((t - A[0])[pop])) if len(A) == 1 else
+                       float(np.sqrt(((A - A.mean(0)) ** 2).sum() / max(A.size - A.shape[1], 1))))
     if temperature <= 0: raise EstimateError('the references agree exactly on every point: no temperature to scale alignment by')
     log_lr = -t / temperature - (special.logsumexp(-A / temperature, axis=0) - np.log(len(A)))   # log p(x|target) - log mean p(x|ref)
     z = np.sort(log_lr[pop])

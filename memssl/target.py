@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['TARGET_DEFAULTS', 'RECIPE_KEYS', 'ATTACKS', 'TARGET_RECORD_FILES', 'read_indices', 'target_recipe', 'load_target',
-           'target_has_head', 'check_target_architecture', 'validate_target_params', 'TargetRun', 'start_target_run',
-           'target_inputs', 'reference_jobs', 'train_references', 'score_all', 'attack_scores', 'target_table',
-           'by_references', 'alignment_levels', 'finish_target_run', 'run_target', 'TargetResult', 'record_target_run',
-           'plot_target', 'at_risk_grid', 'main']
+           'target_has_head', 'check_target_architecture', 'validate_target_params', 'reference_recipe',
+           'check_shared_references', 'reference_dir', 'TargetRun', 'start_target_run', 'target_inputs',
+           'reference_jobs', 'train_references', 'score_all', 'attack_scores', 'target_table', 'by_references',
+           'alignment_levels', 'finish_target_run', 'run_target', 'TargetResult', 'record_target_run', 'plot_target',
+           'at_risk_grid', 'main']
 
 # %% ../nbs/23_target.ipynb #c26f7e73
-import json, time
+import json, shutil, time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,7 @@ TARGET_DEFAULTS = dict(
     n_population=None,           # population images in the audit (None: as many as the audited members)
     max_members=5000,            # audit at most this many of the members (drawn at random)
     n_refs=4,                    # reference encoders K (even: pairs on complementary random halves of the audited members and the population)
+    references=None,             # another audit's run_dir whose references this one reads instead of training its own (the same images, recipe, seed, views and K)
     epochs=None,                 # the references' training epochs (None: the target's)
     method=None,                 # the recipe's method (None: the target's); given, it must be the target's
     backbone=None,               # the recipe's backbone (None: the target's); given, it must be the target's architecture
@@ -192,6 +194,7 @@ def validate_target_params(params:dict) -> dict:
     if p['n_refs'] < 2 or p['n_refs'] % 2: raise RunError(f"n_refs must be even and at least 2 (pairs of references on complementary halves), got {p['n_refs']}")
     if p['n_views'] < 2: raise RunError(f"n_views must be >= 2 (alignment compares pairs of views), got {p['n_views']}")
     if p['epochs'] is not None: check_ints(p, ('epochs',))
+    if p['references']: check_shared_references(p, rec, recipe_of)
     if p['n_population'] is not None: check_ints(p, ('n_population',), 3)
     if not isinstance(p['fprs'], (list, tuple)) or not p['fprs'] or not all(isinstance(a, (int, float)) and 0 < a < 1 for a in p['fprs']):
         raise RunError(f"fprs must be a list of false-positive rates in (0, 1), got {p['fprs']!r}")
@@ -200,6 +203,33 @@ def validate_target_params(params:dict) -> dict:
     if p['parallel'] not in ('auto', True, False): raise RunError(f"parallel must be 'auto', True or False, got {p['parallel']!r}")
     check_destination(p, p['source_run'])
     return p
+
+def reference_recipe(rec:dict, p:dict) -> dict:
+    "What decides how the references of an audit with parameters `p` and recipe `rec` train: method, its hyper-parameters, views, architecture and training (the run's epochs; not the target's seed)."
+    train = {k: v for k, v in rec['train'].items() if k != 'seed'}
+    return dict(method=rec['method'], hparams=rec['hparams'], views=rec['views'], config=rec['config'], train={**train, 'epochs': p['epochs'] or rec['train']['epochs']})
+
+def check_shared_references(p:dict, rec:dict, recipe_of) -> None:
+    """`references` names a complete audit whose reference encoders this audit may read: trained with this audit's recipe and scored on
+    the same views (dataset, seed, n_views), as many as `n_refs`. (That it audited the same images is checked once the data is read.)"""
+    src = Path(p['references']).expanduser().resolve(); p['references'] = str(src)
+    if src == Path(p['run_dir']).expanduser().resolve(): raise RunError('references must be another audit than run_dir')
+    if not (src / 'metrics.json').is_file() or not (src / 'bank' / 'bank.json').is_file():
+        raise RunError(f'references: {src} is not a complete target audit (no metrics.json or bank); finish that audit first, or leave references unset to train them here')
+    meta = read_json(src / 'params.json', 'params file')
+    if meta.get('experiment') != 'target': raise RunError(f"references: {src} is a {meta.get('experiment', 'sslmem')} run, not a target audit")
+    sp = {**TARGET_DEFAULTS, **meta['params']}
+    for k in ('dataset', 'seed', 'n_views'):
+        if sp[k] != p[k]: raise RunError(f'references: {src} scored its references with {k}={sp[k]!r}, this audit has {k}={p[k]!r}; the same views are needed')
+    n = read_json(src / 'metrics.json')['n_refs']
+    if n != p['n_refs']: raise RunError(f'references: {src} holds {n} reference encoders; set n_refs={n}')
+    theirs, mine = reference_recipe(recipe_of(sp['recipe'] or sp['target'], f'references ({src})'), sp), reference_recipe(rec, p)
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff: raise RunError(f"references: {src} trained its references with another recipe ({', '.join(diff)} differ); they would not audit this target")
+
+def reference_dir(run, k:int) -> Path:
+    "Where reference `k` of an audit lives: its own `refs/e<k>`, or that of the audit named by `references`."
+    return (Path(run.params['references']) if run.params.get('references') else run.dir) / 'refs' / f'e{k}'
 
 class TargetRun(Run):
     "The run directory of an audit of one encoder against reference encoders."
@@ -288,17 +318,23 @@ def train_references(run:TargetRun, inp:dict) -> Bank:
     p = run.params
     bdir = run.path('bank')
     pts = inp['points']
+    if p['references'] and not (bdir / 'bank.json').exists():                 # another audit's references: its bank, with their alignments, copied
+        src = Bank(Path(p['references']) / 'bank')
+        if not src.points[['idx', 'role']].equals(pts[['idx', 'role']]):
+            raise RunError(f"references: {p['references']} audited other images than this audit (its references trained on halves of its members "
+                           "and population); give this audit the same members and population (that audit's audit.csv lists them)")
+        tmp = run.path('bank.tmp'); shutil.rmtree(tmp, ignore_errors=True); shutil.copytree(src.path, tmp); tmp.replace(bdir)
     if (bdir / 'bank.json').exists():
         bank = Bank(bdir)
         if not bank.points[['idx', 'role']].equals(pts[['idx', 'role']]): raise RunError(f'{bdir} holds a bank of other points; choose another run_dir')
         if bank.n_pairs < p['n_refs'] // 2: bank.grow(p['n_refs'] // 2)         # grown by more references: the others stay as they are
     else: bank = Bank.create(bdir, pts, p['n_refs'] // 2, seed=p['seed'], design='redrawn')
     with run.timed('references'):
-        for r in range(bank.n_pairs):
+        for r in range(0 if p['references'] else bank.n_pairs):                # another audit's references are read, never trained here
             todo = [j for j in reference_jobs(run, inp, bank, r) if not (Path(j['out_dir']) / 'encoder.pt').is_file()]
             if todo: fit_many(todo, parallel=None if p['parallel'] == 'auto' else p['parallel'])
     for k in range(2 * bank.n_pairs):
-        bank.check_encoder(k, load_encoder(run.path(f'refs/e{k}/encoder.pt')).meta.get('provenance'))
+        bank.check_encoder(k, load_encoder(reference_dir(run, k) / 'encoder.pt').meta.get('provenance'))
     return bank
 
 def score_all(run:TargetRun, inp:dict, bank:Bank) -> np.ndarray:
@@ -319,7 +355,7 @@ def score_all(run:TargetRun, inp:dict, bank:Bank) -> np.ndarray:
     if len(encs) % 2: encs.append(encs[-1])                                     # an odd one out is scored beside itself
     with run.timed('score'):
         for a, b in zip(encs[0::2], encs[1::2]):
-            ma, mb = (inp['target'] if e == 'target' else load_encoder(run.path(f'refs/e{e}/encoder.pt'), map_location=run.device) for e in (a, b))
+            ma, mb = (inp['target'] if e == 'target' else load_encoder(reference_dir(run, e) / 'encoder.pt', map_location=run.device) for e in (a, b))
             res = alignment_scores(ma, mb, images, vc, n_views=p['n_views'], features=list(FEATURES), seed=p['seed'], device=run.device, progress=True)
             for e, j in ((a, 0), (b, 1)):
                 if e == 'target':
@@ -360,11 +396,13 @@ def target_table(inp:dict, bank:Bank, t, p:dict) -> tuple:
     return tab, cal[['attack', 'auroc'] + [c for c in cal.columns if c not in ('attack', 'auroc')]]
 
 def by_references(t, A, M, member, population, fprs, gamma:float=1.0) -> pd.DataFrame:
-    "AUROC and TPR at each false-positive rate of RMIA and LiRA with the first k references, k = 2, 4, ... all (pairs stay whole)."
+    """AUROC and TPR at each false-positive rate of RMIA and LiRA with the first k references, k = 1 (RMIA only: LiRA needs references in
+    and out of every image; the one reference trained on half the images), then 2, 4, ... all (pairs stay whole)."""
     rows = []
-    for k in range(2, len(A) + 1, 2):
-        sc = attack_scores(t, A[:k], M[:k], population, gamma)
-        for a in ('rmia', 'lira'):
+    for k in [1] + list(range(2, len(A) + 1, 2)):
+        sc = dict(rmia=rmia_scores(t, A[:1], population, gamma)) if k == 1 else attack_scores(t, A[:k], M[:k], population, gamma)
+        for a in sc:
+            if a == 'sslmem': continue
             s = sc[a]
             rows.append(dict(refs=k, attack=a, auroc=auroc(s[member], s[~member]),
                              **{f'tpr_at_{f:g}': tpr_at_fpr(s[member], s[~member], f) for f in fprs}))
@@ -402,7 +440,8 @@ def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
                                                            reference_epochs=p['epochs'] or rec['train']['epochs']),
              calibration=json.loads(cal.to_json(orient='records')), flagged=flagged, levels=alignment_levels(bank, t, p),
              by_refs=json.loads(byk.to_json(orient='records')), timings=run.timings,
-             reference_seconds=[round(sum(h['seconds'] for h in read_json(run.path(f'refs/e{k}/history.json'))), 1) for k in range(len(bank.encoders))])
+             reference_seconds=[round(sum(h['seconds'] for h in read_json(reference_dir(run, k) / 'history.json')), 1) for k in range(len(bank.encoders))],
+             references=p['references'])
     atomic_write_json(run.path('metrics.json'), m)
     complete_run(run)
     return m
