@@ -93,7 +93,8 @@ DEFAULTS = dict(
 DESIGNS = ('redrawn', 'fixed')   # how the pairs of a run share out the pool (`pair_split`)
 NON_RESULT = ('data_root', 'download', 'device', 'parallel', 'run_dir')
 # parameters added after runs were recorded: at these values they are left out of a run's hash, so older runs keep their id
-LATER_DEFAULTS = dict(n_pairs=1, design='fixed', coupled=False, amp='none', fdr=0.1, canaries=0, norm='batch', dp_epsilon=0.0, dp_delta=1e-5, dp_clip=1.0, probe_datasets=[])
+LATER_DEFAULTS = dict(n_pairs=1, design='fixed', coupled=False, amp='none', fdr=0.1, canaries=0, norm='batch', dp_epsilon=0.0, dp_delta=1e-5, dp_clip=1.0, probe_datasets=[],
+                      references=None, unitmem=False)   # (the last two: target audits)
 
 class RunError(ValueError):
     "A run that cannot start or continue: bad parameters, or a run directory of another run."
@@ -212,7 +213,8 @@ def params_from(namespace:dict, defaults:dict|None=None, name:str='DEFAULTS') ->
 def result_params(p:dict) -> dict:
     "The parameters that decide a run's results (parameters added later are left out at the value that reproduces older runs)."
     return {k: v for k, v in p.items() if k not in NON_RESULT and not (k in LATER_DEFAULTS and p[k] == LATER_DEFAULTS[k])
-            and not (k == 'canary_kinds' and not p.get('canaries')) and not (k == 'design' and p.get('n_pairs', 1) == 1)}   # one pair: no design to choose
+            and not (k == 'canary_kinds' and not p.get('canaries')) and not (k == 'design' and p.get('n_pairs', 1) == 1)   # one pair: no design to choose
+            and not (k in ('unit_views', 'unit_points') and p.get('unitmem') is False)}                                # a target audit without UnitMem
 
 def params_diff(a:dict, b:dict) -> dict:
     "The result parameters that differ between two parameter sets: {name: (value in a, value in b)}."

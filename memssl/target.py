@@ -6,9 +6,9 @@
 __all__ = ['TARGET_DEFAULTS', 'RECIPE_KEYS', 'ATTACKS', 'TARGET_RECORD_FILES', 'read_indices', 'target_recipe', 'load_target',
            'target_has_head', 'check_target_architecture', 'validate_target_params', 'reference_recipe',
            'check_shared_references', 'reference_dir', 'TargetRun', 'start_target_run', 'target_inputs',
-           'reference_jobs', 'train_references', 'score_all', 'attack_scores', 'target_table', 'by_references',
-           'alignment_levels', 'finish_target_run', 'run_target', 'TargetResult', 'record_target_run', 'plot_target',
-           'at_risk_grid', 'main']
+           'reference_jobs', 'train_references', 'train_reference', 'score_all', 'attack_scores', 'target_table',
+           'by_references', 'alignment_levels', 'target_unitmem', 'finish_target_run', 'run_target', 'TargetResult',
+           'record_target_run', 'plot_target', 'at_risk_grid', 'main']
 
 # %% ../nbs/23_target.ipynb #c26f7e73
 import json, shutil, time
@@ -24,13 +24,14 @@ from .data import load_dataset, ImageData
 from .augment import ViewConfig
 from .models import load_encoder, read_checkpoint, CheckpointError, Encoder
 from .memorization import alignment_scores, FEATURES
-from .train import TrainConfig, fit_many
+from .train import TrainConfig, fit_many, _fit_job
 from .runs import (RunError, Run, RunResult, known_params, params_diff, check_ints, check_destination, check_dataset_name, check_same_run,
                          claim_run, complete_run, params_id, set_status, pair_training_sets, planted_train, run_canaries)
 from .crossfit import index_hash
 from .bank import Bank, BankError
 from .estimates import (one_model_estimate, lira_llr, rmia_scores, calibrated_decisions, auroc, tpr_at_fpr, EstimateError)
 from .audit import file_sha256, load_external, FORMATS, NEEDS_ARCH
+from .layers import unit_activations, unitmem, unit_summary, LayerError
 
 TARGET_DEFAULTS = dict(
     dataset='fashion_mnist',     # the data the target trained on: registry name, 'npz:PATH' or 'folder:PATH' (its train split)
@@ -59,6 +60,9 @@ TARGET_DEFAULTS = dict(
     n_views=16,                  # views per image, the same for the target and every reference
     fprs=[0.01, 0.001],          # the false-positive rates decisions are made at
     gamma=1.0,                   # RMIA's likelihood-ratio margin
+    unitmem=True,                # also UnitMem of the target's units on audited members against as many population images (unitmem.csv)
+    unit_views=10,               # UnitMem: views per image (the paper's 10)
+    unit_points=500,             # UnitMem: at most this many images of each side
     seed=0,                      # seed of the references' halves and initialisations, the views and the draws
     device='auto',               # 'auto' picks CUDA when present
     parallel='auto',             # train the two references of a pair in parallel CPU processes ('auto': on a CPU with >= 2 cores)
@@ -200,6 +204,8 @@ def validate_target_params(params:dict) -> dict:
         raise RunError(f"fprs must be a list of false-positive rates in (0, 1), got {p['fprs']!r}")
     p['fprs'] = [float(a) for a in p['fprs']]
     if not isinstance(p['gamma'], (int, float)) or p['gamma'] <= 0: raise RunError(f"gamma must be positive, got {p['gamma']!r}")
+    if p['unitmem'] not in (True, False): raise RunError(f"unitmem must be true or false, got {p['unitmem']!r}")
+    check_ints(p, ('unit_views', 'unit_points'), 2)
     if p['parallel'] not in ('auto', True, False): raise RunError(f"parallel must be 'auto', True or False, got {p['parallel']!r}")
     check_destination(p, p['source_run'])
     return p
@@ -337,6 +343,32 @@ def train_references(run:TargetRun, inp:dict) -> Bank:
         bank.check_encoder(k, load_encoder(reference_dir(run, k) / 'encoder.pt').meta.get('provenance'))
     return bank
 
+def train_reference(params:dict, k:int) -> Path:
+    """Train reference `k` of the audit `params` alone: one job of a cluster array (a SLURM array task, a submitit job), or under torchrun
+    data-parallel over its processes. The run directory is not claimed, so the jobs of one audit run side by side, each in its own
+    `refs/e<k>` (a killed job resumes from its last epoch); the halves are the bank's, drawn from the audit's seed exactly as `memssl-target`
+    draws them. `memssl-target` with the same parameters then finds the references trained, checks each against its membership row, and
+    scores. Returns the reference's directory."""
+    import tempfile
+    from memssl.distributed import init_distributed
+    from memssl.io import barrier
+    p = validate_target_params(params)
+    if p['references']: raise RunError(f"this audit reads the references of {p['references']}: there is nothing to train")
+    if not isinstance(k, int) or not 0 <= k < p['n_refs']: raise RunError(f"reference must be one of 0..{p['n_refs'] - 1} (n_refs={p['n_refs']}), got {k!r}")
+    rank, world, dev = init_distributed(p['device'])
+    run = TargetRun({**p, 'device': str(dev)})
+    if rank == 0: check_same_run(run.dir, p, 'a reference job trains for the audit of these parameters only')
+    inp = target_inputs(run)
+    with tempfile.TemporaryDirectory() as tmp:                                   # the halves, as the audit's bank will hold them
+        bdir = run.path('bank')
+        bank = Bank(bdir) if (bdir / 'bank.json').is_file() else Bank.create(Path(tmp) / 'bank', inp['points'], p['n_refs'] // 2, seed=p['seed'], design='redrawn')
+        if bank.n_pairs <= k // 2: bank = Bank.create(Path(tmp) / 'grown', inp['points'], p['n_refs'] // 2, seed=p['seed'], design='redrawn')
+        job = reference_jobs(run, inp, bank, k // 2)[k % 2]
+    if dev.type == 'cuda' and world > 1: job['sync_batchnorm'] = True
+    if not (Path(job['out_dir']) / 'encoder.pt').is_file(): _fit_job(job)
+    barrier()
+    return Path(job['out_dir'])
+
 def score_all(run:TargetRun, inp:dict, bank:Bank) -> np.ndarray:
     """Every reference's alignment on every pool image, into the bank, and the target's (returned; `target.csv`), all on the same views
     (drawn from the run's seed) for every feature variant. Encoders already scored are not scored again."""
@@ -422,6 +454,31 @@ def alignment_levels(bank:Bank, t, p:dict) -> dict:
                       "memorised; give the target's epochs and views") if out['target_members'] < out['references_members_best'] else None
     return out
 
+def target_unitmem(run:TargetRun, inp:dict, bank:Bank) -> pd.DataFrame|None:
+    """UnitMem (`memssl.layers.unitmem`) of every unit of the target's layers on at most `unit_points` audited members (role `candidates`)
+    and as many population images (role `extra`, the null), on the recipe's views: a unit that fires for one member far more than for the
+    others is the per-unit trace of memorisation, and the population says how often that happens by chance. Written once to `unitmem.csv`
+    (None when `unitmem` is off; layers without non-negative activations are left out)."""
+    p = run.params
+    if not p['unitmem']: return None
+    f = run.path('unitmem.csv')
+    if f.is_file(): return pd.read_csv(f)
+    rng, pts, out = np.random.default_rng([p['seed'], 13]), bank.points, []
+    vc = ViewConfig(**inp['recipe']['views'])
+    n = min(p['unit_points'], int((pts.role == 'member').sum()), int((pts.role == 'population').sum()))
+    with run.timed('unitmem'):
+        for role, name in (('member', 'candidates'), ('population', 'extra')):
+            ix = np.sort(rng.choice(pts.loc[pts.role == role, 'idx'].to_numpy(), n, replace=False))
+            acts = unit_activations(inp['target'], inp['train'].images[ix], vc, p['unit_views'], None, 128, p['seed'], run.device)
+            for layer, mu in acts.items():
+                try: out.append(unitmem(mu, ix, layer).assign(role=name))
+                except LayerError: pass
+    if not out: return None
+    um = pd.concat(out, ignore_index=True)
+    um = um[um.layer.isin(set(um[um.role == 'candidates'].layer) & set(um[um.role == 'extra'].layer))]
+    atomic_write_text(f, um.to_csv(index=False))
+    return um
+
 def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
     "Write `audit.csv`, `calibration.csv`, `by_refs.csv` and `metrics.json` (last, atomically); mark the run complete."
     p = run.params
@@ -429,6 +486,7 @@ def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
     member = (tab['role'] == 'member').to_numpy()
     A, M = bank.alignment(p['features']).astype(float), bank.membership
     byk = by_references(t, A, M, member, ~member, p['fprs'], p['gamma'])
+    um = target_unitmem(run, inp, bank)
     atomic_write_text(run.path('audit.csv'), tab.to_csv(index=False))
     atomic_write_text(run.path('calibration.csv'), cal.to_csv(index=False))
     atomic_write_text(run.path('by_refs.csv'), byk.to_csv(index=False))
@@ -441,7 +499,7 @@ def finish_target_run(run:TargetRun, inp:dict, bank:Bank, t) -> dict:
              calibration=json.loads(cal.to_json(orient='records')), flagged=flagged, levels=alignment_levels(bank, t, p),
              by_refs=json.loads(byk.to_json(orient='records')), timings=run.timings,
              reference_seconds=[round(sum(h['seconds'] for h in read_json(reference_dir(run, k) / 'history.json')), 1) for k in range(len(bank.encoders))],
-             references=p['references'])
+             references=p['references'], unitmem=None if um is None else json.loads(unit_summary(um).to_json(orient='records')))
     atomic_write_json(run.path('metrics.json'), m)
     complete_run(run)
     return m
@@ -522,11 +580,19 @@ def main(argv=None):
     import argparse, sys, yaml
     ap = argparse.ArgumentParser(prog='memssl-target', description='Audit one encoder against reference encoders of its recipe: membership risk per image at a stated false-positive rate, and SSLMem per image.')
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a parameter (YAML value), e.g. n_refs=4')
+    ap.add_argument('--reference', type=int, default=None, metavar='K',
+                    help='only train reference K (0..n_refs-1) and stop: one job of a cluster array, or under torchrun; then run without it to score')
     a = ap.parse_args(argv)
     p = {}
     for kv in a.set:
         if '=' not in kv: ap.error(f'--set expects KEY=VALUE, got {kv!r}')
         k, v = kv.split('=', 1); p[k] = yaml.safe_load(v)
+    if a.reference is not None:
+        try: out = train_reference(p, a.reference)
+        except (RunError, BankError, FileNotFoundError) as e: print(f'memssl-target: {e}', file=sys.stderr); return 2
+        finally:
+            if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+        print(f'memssl-target: reference {a.reference} trained: {out}'); return 0
     try: m = run_target(p)
     except (RunError, BankError, EstimateError, FileNotFoundError) as e: print(f'memssl-target: {e}', file=sys.stderr); return 2
     c = pd.DataFrame(m['calibration'])

@@ -140,16 +140,18 @@ def cmd_compare(a):
     train = load_dataset(p['dataset'], p.get('data_root'), 'train')
     images = train.images[bank.points['idx'].to_numpy().copy()]
     var = feat.replace('backbone', 'output')
+    K = len(list((out / 'refs').glob('e*/lightly_simclr.ckpt')))             # the lightly references; memssl's first K beside them
+    if K < 2: sys.exit(f'{out}/refs holds {K} lightly references; train at least a pair (refs --encoders 0 1)')
     cache = out / 'alignments.npz'
-    if cache.is_file(): L = np.load(cache)['refs']
+    if cache.is_file() and len(np.load(cache)['refs']) == K: L = np.load(cache)['refs']
     else:
         L = []
-        for k in range(len(bank.encoders)):
+        for k in range(K):
             m = load_external(out / 'refs' / f'e{k}' / 'lightly_simclr.ckpt', 'lightly', 'small_cnn')
             L.append(alignment_scores(m, m, images, vc, n_views=p['n_views'], features=[var], seed=p['seed'], progress=True)[var][0].numpy())
         L = np.stack(L).astype(float)
         np.savez(cache, refs=L)
-    A, M = bank.alignment(feat).astype(float), bank.membership
+    A, M = bank.alignment(feat)[:K].astype(float), bank.membership[:K]
     t_memssl = pd.read_csv(audit / 'target.csv')[feat].to_numpy(float)
     t_lightly = pd.read_csv(mis / 'target.csv')[feat].to_numpy(float)
     member = (bank.points['role'] == 'member').to_numpy(); pop = ~member
@@ -167,12 +169,12 @@ def cmd_compare(a):
               references_other={n: float(np.mean([R[k, ~M[k]].mean() for k in range(len(R))])) for n, R in (('memssl', A), ('lightly', L))})
     dest = Path(a.dest); dest.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest / 'mismatch.csv', tab.to_csv(index=False))
-    ref_sec = [json.loads((out / 'refs' / f'e{k}' / 'train.json').read_text())['seconds'] for k in range(len(bank.encoders))]
+    ref_sec = [json.loads((out / 'refs' / f'e{k}' / 'train.json').read_text())['seconds'] for k in range(K)]
     import subprocess
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
     atomic_write_json(dest / 'RECORDED.json', dict(command=' ; '.join(a.commands) if a.commands else ' '.join(sys.argv), git_commit=commit,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), machine=machine_info(), features=feat,
-                                                   n_refs=int(len(bank.encoders)), n_members=int(member.sum()), n_population=int(pop.sum()),
+                                                   n_refs=K, n_refs_audit=int(len(bank.encoders)), n_members=int(member.sum()), n_population=int(pop.sum()),
                                                    levels=lv, lightly_target=json.loads((out / 'train.json').read_text()),
                                                    lightly_reference_seconds=ref_sec))
     print(tab.round(4).to_string(index=False)); print(json.dumps(lv, indent=1))

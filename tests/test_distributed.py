@@ -110,3 +110,38 @@ def test_memssl_train_under_torchrun_leaves_a_complete_run(tmp_path):
     assert set(res.metrics['probes']) == {'f', 'g', 'random'} and len(res.metrics['tests']) == 16
     # the notebook, given the same parameters, finds the run complete: one run, whichever way it was made
     assert execute_run(ROOT / 'experiments' / 'sslmem.ipynb', validate_params({**sets, 'run_dir': str(tmp_path / 'run')}), echo=False) == 'skipped'
+
+
+def test_target_reference_job_under_torchrun(tmp_path):
+    """A target audit's reference trained as its own job under torchrun (2 gloo processes, data-parallel), the other by a plain
+    process: `memssl-target` then finds both, checks them against the bank's halves and scores without training anything."""
+    from dataclasses import asdict
+    from memssl.augment import simclr_views
+    from memssl.crossfit import index_hash
+    from memssl.data import load_dataset
+    from memssl.models import encoder_config
+    from memssl.target import run_target, TargetResult
+    from memssl.train import TrainConfig, fit_many
+    npz = write_fake_dataset('npz', tmp_path / 'data', n_train=160, n_test=20)
+    train = load_dataset(f'npz:{npz}', None, 'train')
+    members = np.arange(0, 80, 2)
+    ec = encoder_config('small_cnn', train.images.shape[1], train.images.shape[2], proj_hidden=32, proj_out=16)
+    vc = simclr_views(train.images.shape[2], train.images.shape[1], crop_scale=(0.5, 1))
+    fit_many([dict(name='target', method='simclr', encoder_config=ec, view_config=vc.to_dict(), init_seed=0, hparams={}, images=train.images[members],
+                   train_config=asdict(TrainConfig(epochs=2, batch_size=16)), out_dir=tmp_path / 'target', device='cpu', data_id='toy',
+                   provenance=dict(dataset=train.name, fingerprint=train.fingerprint, train_hash=index_hash(members), n_train=len(members)))], parallel=False)
+    np.savetxt(tmp_path / 'members.txt', members, fmt='%d')
+    sets = dict(dataset=f'npz:{npz}', target=tmp_path / 'target' / 'encoder.pt', members=tmp_path / 'members.txt', n_refs=2, n_views=4,
+                fprs='[0.05]', device='cpu', parallel='false', unitmem='false', run_dir=tmp_path / 'audit')
+    args = [x for k, v in sets.items() for x in ('--set', f'{k}={v}')]
+    exe = str(BIN / 'memssl-target')
+    r = subprocess.run(TORCHRUN + [exe, '--reference', '0', *args], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'reference 0 trained' in r.stdout
+    r = subprocess.run([exe, '--reference', '1', *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stamps = [(tmp_path / 'audit' / 'refs' / f'e{k}' / 'encoder.pt').stat().st_mtime_ns for k in (0, 1)]
+    import yaml
+    m = run_target({k: yaml.safe_load(str(v)) for k, v in sets.items()}, progress=False)          # the same parameters as the jobs'
+    assert [(tmp_path / 'audit' / 'refs' / f'e{k}' / 'encoder.pt').stat().st_mtime_ns for k in (0, 1)] == stamps   # nothing retrained
+    assert m['n_refs'] == 2 and len(TargetResult(tmp_path / 'audit').table) == 80
