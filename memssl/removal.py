@@ -29,8 +29,8 @@ from .probe import probe_encoder, extract_features
 from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .estimates import null_quantile, fraction_above
-from .crossfit import (crossfit_seed, aggregate_scores, seed_reliability, select_scores, removal_sets, retrain_budget, plant_canaries, canary_report, canary_ranks,
-                             atypicality, atypicality_correlation, CANARY_KINDS, STRATEGIES, index_hash)
+from .crossfit import crossfit_seed, aggregate_scores, seed_reliability, select_scores, removal_sets, retrain_budget, STRATEGIES, index_hash
+from .canaries import plant_canaries, canary_report, canary_ranks, atypicality, atypicality_correlation, CANARY_KINDS
 
 # %% ../nbs/14_removal.ipynb #09b64d87
 REMOVAL_DEFAULTS = dict(
@@ -41,7 +41,7 @@ REMOVAL_DEFAULTS = dict(
     n_pool=1000,                 # points scored by cross-fitting; removal takes from them
     n_shared=0,                  # points every encoder trains on and no removal touches
     n_extra=500,                 # points no encoder trains on: the null distribution of scores
-    canary_kinds=['noise', 'inverted', 'stripes'],   # kinds of planted atypical images (memssl.crossfit.CANARY_KINDS)
+    canary_kinds=['noise', 'inverted', 'stripes'],   # kinds of planted atypical images (memssl.canaries.CANARY_KINDS)
     n_canaries=4,                # canaries per kind, added to the pool for scoring only
     n_folds=2,                   # cross-fitting folds
     score_seeds=2,               # cross-fitting seeds averaged per point

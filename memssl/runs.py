@@ -76,7 +76,7 @@ DEFAULTS = dict(
     probe_datasets=[],           # further downstream tasks: f, g and the random encoder are also probed on these datasets (their train and test splits, same sizes)
     fdr=0.1,                     # false discovery rate of the memorised set (Benjamini-Hochberg over the candidates' p-values against the extra set)
     canaries=0,                  # canaries of each kind in f's training set (half of them in the even pairs, half in the odd ones; g trains on as many unused real points); scored in every pair
-    canary_kinds=['noise', 'inverted', 'stripes', 'patch', 'blobs'],   # kinds of planted canaries (memssl.crossfit.CANARY_KINDS)
+    canary_kinds=['noise', 'inverted', 'stripes', 'patch', 'blobs'],   # kinds of planted canaries (memssl.canaries.CANARY_KINDS)
     score_features='projector_norm',  # features of scores.csv: backbone, backbone_norm, projector, projector_norm
     max_score_per_set=5000,      # score at most this many points per set (a random sample of larger sets)
     n_probe_train=5000,          # labelled train points for the linear probe and kNN bank
@@ -170,7 +170,7 @@ def validate_params(params:dict) -> dict:
         raise RunError(f"coupled training pairs each candidate with an independent point: n_candidates ({p['n_candidates']}) must equal n_independent ({p['n_independent']})")
     if not isinstance(p['fdr'], (int, float)) or isinstance(p['fdr'], bool) or not 0 < p['fdr'] < 1: raise RunError(f"fdr must be in (0, 1), got {p['fdr']!r}")
     if not isinstance(p['canaries'], int) or isinstance(p['canaries'], bool) or p['canaries'] < 0: raise RunError(f"canaries must be an integer >= 0, got {p['canaries']!r}")
-    from memssl.crossfit import CANARY_KINDS
+    from memssl.canaries import CANARY_KINDS
     if p['canaries'] and (not isinstance(p['canary_kinds'], (list, tuple)) or not p['canary_kinds'] or any(k not in CANARY_KINDS for k in p['canary_kinds'])):
         raise RunError(f"canary_kinds must be a non-empty list of {list(CANARY_KINDS)}, got {p['canary_kinds']!r}")
     return check_training_params(p)
@@ -467,7 +467,7 @@ def plant_run_canaries(run:Run, train:ImageData, split:Split) -> ImageData:
     """The train split with the run's canaries appended (itself when `canaries` is 0). Writes `canaries.csv`: each canary's index, kind,
     half (A: planted in the even pairs' f, B: in the odd pairs') and source image, and the fillers, unused real points g trains on in
     the canaries' batch slots, so that f and g train on as many images."""
-    from memssl.crossfit import plant_canaries
+    from memssl.canaries import plant_canaries
     p = run.params
     if not p.get('canaries'): return train
     new, cidx, kinds = plant_canaries(train, list(p['canary_kinds']), p['canaries'], seed=p['seed'])
@@ -487,7 +487,7 @@ def plant_run_canaries(run:Run, train:ImageData, split:Split) -> ImageData:
 def planted_train(run:Run, train:ImageData) -> ImageData:
     """The train split as a run's encoders saw it: `train` with the run's canaries appended (drawn again from its parameters, and checked
     against the fingerprint its `params.json` records), or `train` itself for a run without canaries. For readers of a run's encoders."""
-    from memssl.crossfit import plant_canaries
+    from memssl.canaries import plant_canaries
     p = run.params
     if not p.get('canaries'): return train
     new = plant_canaries(train, list(p['canary_kinds']), p['canaries'], seed=p['seed'])[0]

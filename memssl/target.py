@@ -533,13 +533,13 @@ class TargetResult:
     def name(self) -> str: return self.dir.name
     def __repr__(self): return f'TargetResult({self.dir})'
 
-TARGET_RECORD_FILES = ('params.json', 'metrics.json', 'audit.csv', 'calibration.csv', 'by_refs.csv')
+TARGET_RECORD_FILES = ('params.json', 'metrics.json', 'audit.csv', 'calibration.csv', 'by_refs.csv', 'target.csv')   # and unitmem.csv where there is one
 
 def record_target_run(run_dir, dest, command:str) -> Path:
     "Copy a complete target audit's tables (not its checkpoints or bank) to `dest`, with `RECORDED.json`: the command, commit, machine and timings."
     r = TargetResult(run_dir)
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    for f in TARGET_RECORD_FILES: atomic_write_text(dest / f, (r.dir / f).read_text())
+    for f in TARGET_RECORD_FILES + (('unitmem.csv',) if (r.dir / 'unitmem.csv').is_file() else ()): atomic_write_text(dest / f, (r.dir / f).read_text())
     atomic_write_json(dest / 'RECORDED.json', dict(source=str(r.dir.resolve()), git_commit=r.meta.get('git_commit'), command=command,
                                                    recorded=time.strftime('%Y-%m-%dT%H:%M:%S'), device=r.meta.get('device'),
                                                    machine=r.meta.get('machine'), timings=r.metrics.get('timings')))

@@ -19,6 +19,8 @@ Lightning-style `{'state_dict': ...}` with `backbone.*` and `projection_head.lay
 the same memssl references), and `train.json`. `refs` trains the same pipeline on the halves the audit's reference
 encoders trained on (`refs/e<k>/`). `compare` scores the lightly target and the lightly references on the audit's views and
 writes the 2 x 2 table (target pipeline x reference pipeline) of AUROC and TPR at the audit's false-positive rates.
+`export` saves the matched audit's own memssl target in lightly's layout and as a plain state dict, to be audited as
+external encoders with the matched audit's references (their calibration must be the matched audit's).
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -180,10 +182,24 @@ def cmd_compare(a):
     print(tab.round(4).to_string(index=False)); print(json.dumps(lv, indent=1))
 
 
+def cmd_export(a):
+    "The matched audit's memssl target saved as lightly's examples save a model and as a plain state dict of its backbone: audited as external, they must give the memssl audit's numbers."
+    from memssl.models import load_encoder
+    r, _ = read_audit(Path(a.audit))
+    enc = load_encoder(r.params['target'])
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    sd = {**{f'backbone.{k}': v for k, v in enc.backbone.state_dict().items()}, **{f'projection_head.{k}': v for k, v in enc.projector.state_dict().items()}}
+    torch.save({'epoch': 0, 'state_dict': sd}, out / 'export_lightly.ckpt')
+    torch.save(enc.backbone.state_dict(), out / 'export_state_dict.pt')
+    members = np.sort(r.table.loc[r.table.role == 'member', 'idx'].to_numpy()); population = np.sort(r.table.loc[r.table.role == 'population', 'idx'].to_numpy())
+    np.savetxt(out / 'members.txt', members, fmt='%d'); np.savetxt(out / 'population.txt', population, fmt='%d')
+    print(f'wrote {out}/export_lightly.ckpt and export_state_dict.pt of {r.params["target"]}')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = ap.add_subparsers(dest='cmd', required=True)
-    for name in ('target', 'refs', 'compare'):
+    for name in ('target', 'refs', 'compare', 'export'):
         s = sub.add_parser(name)
         s.add_argument('--audit', required=True, help="the matched memssl target audit's run directory")
         s.add_argument('--out', required=True, help="where the lightly encoders go")
@@ -196,7 +212,7 @@ def main(argv=None):
             s.add_argument('--dest', required=True, help='where the table and RECORDED.json go')
             s.add_argument('--commands', nargs='*', help='the commands of the whole experiment, recorded')
     a = ap.parse_args(argv)
-    dict(target=cmd_target, refs=cmd_refs, compare=cmd_compare)[a.cmd](a)
+    dict(target=cmd_target, refs=cmd_refs, compare=cmd_compare, export=cmd_export)[a.cmd](a)
 
 
 if __name__ == '__main__':
