@@ -252,14 +252,14 @@ def _pick_features(df:pd.DataFrame, features) -> tuple:
 def aggregate_scores(per_seed,              # list of `crossfit_seed` tables (one per seed)
                      features=None,         # a variant, a list of them, or None for all
                      ) -> pd.DataFrame:
-    "Mean, standard error and count over seeds of each point's score: `features, role, idx, pair, n_seeds, [label], align_f, align_g, sslmem, sslmem_sem`."
+    "Mean, standard error and count over seeds of each point's score: `features, role, idx, pair, n_seeds, [label], align_f, align_g, sslmem, sslmem_se`."
     df, feats = _pick_features(_stack(per_seed), features)
     df = df.assign(pair=np.where(df['role'] == 'extra', df['fold'], -1))
     cols = [c for c in ('align_f', 'align_g') if c in df.columns]
     g = df.groupby(['features', 'role', 'idx', 'pair'], sort=False)
     out = g[cols + ['sslmem']].mean()
     if 'label' in df.columns: out.insert(0, 'label', g['label'].first())
-    out['sslmem_sem'] = grouped_mean_se(df, ['features', 'role', 'idx', 'pair'], 'sslmem', 'seed')['se'].to_numpy()
+    out['sslmem_se'] = grouped_mean_se(df, ['features', 'role', 'idx', 'pair'], 'sslmem', 'seed')['se'].to_numpy()
     out.insert(0, 'n_seeds', g['seed'].nunique())
     out = out.reset_index()
     key = pd.DataFrame({'v': out['features'].map({v: i for i, v in enumerate(feats)}),

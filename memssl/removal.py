@@ -193,11 +193,11 @@ def source_scores(run:Run, data:dict) -> dict:
         for v in dict.fromkeys(pp['features']):
             e = pool_estimates(pp, v)
             parts.append(pd.DataFrame(dict(features=v, role='pool', idx=e['idx'], pair=-1, n_seeds=e['estimate_pairs'], label=e['idx'].map(label),
-                                           sslmem=e['estimate'], sslmem_sem=e['estimate_se'])))
+                                           sslmem=e['estimate'], sslmem_se=e['estimate_se'])))
             x = pp[(pp['features'] == v) & (pp['split'] == 'extra')].groupby('idx')
             parts.append(x[['align_f', 'align_g', 'sslmem']].mean().reset_index().assign(features=v, role='extra', pair=0, n_seeds=R,
-                                                                                        label=lambda t: t['idx'].map(label), sslmem_sem=np.nan))
-        agg = pd.concat(parts, ignore_index=True)[['features', 'role', 'idx', 'pair', 'n_seeds', 'label', 'align_f', 'align_g', 'sslmem', 'sslmem_sem']]
+                                                                                        label=lambda t: t['idx'].map(label), sslmem_se=np.nan))
+        agg = pd.concat(parts, ignore_index=True)[['features', 'role', 'idx', 'pair', 'n_seeds', 'label', 'align_f', 'align_g', 'sslmem', 'sslmem_se']]
         agg['canary'], agg['canary_kind'] = False, ''
     pw = read_json(src / 'metrics.json', 'metrics file').get('pointwise') or {}
     rel = pd.DataFrame([dict(features=v, n_seeds=R, n_points=d['reliability']['n_points'], pearson=d['reliability']['r_one_pair'], spearman=np.nan,
