@@ -29,6 +29,7 @@ from .probe import probe_encoder, extract_features
 from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from,
                          is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
 from .estimates import null_quantile, fraction_above
+from .splits import draw_disjoint
 from .crossfit import crossfit_seed, aggregate_scores, seed_reliability, select_scores, removal_sets, retrain_budget, STRATEGIES, index_hash
 from .canaries import plant_canaries, canary_report, canary_ranks, atypicality, atypicality_correlation, CANARY_KINDS
 
@@ -138,10 +139,8 @@ def removal_sets_of(n_train:int, p:dict, n_canaries:int=0) -> dict:
     need = p['n_pool'] + p['n_shared'] + p['n_extra']
     if need > n_train:
         raise RunError(f"n_pool + n_shared + n_extra = {need} points, but the dataset's train split has {n_train}")
-    perm = np.random.default_rng(p['seed']).permutation(n_train)
-    a, b = p['n_shared'], p['n_shared'] + p['n_pool']
-    return dict(shared=np.sort(perm[:a]), pool=np.sort(perm[a:b]), extra=np.sort(perm[b:b + p['n_extra']]),
-                canaries=np.arange(n_train, n_train + n_canaries, dtype=np.int64))
+    s = draw_disjoint(n_train, dict(shared=p['n_shared'], pool=p['n_pool'], extra=p['n_extra']), p['seed'])
+    return {**{k: np.sort(v) for k, v in s.items()}, 'canaries': np.arange(n_train, n_train + n_canaries, dtype=np.int64)}
 
 # %% ../nbs/14_removal.ipynb #cdc8d0d1
 def start_removal_run(params:dict) -> Run:
