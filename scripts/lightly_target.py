@@ -150,7 +150,7 @@ def cmd_compare(a):
         L = []
         for k in range(K):
             m = load_external(out / 'refs' / f'e{k}' / 'lightly_simclr.ckpt', 'lightly', 'small_cnn')
-            L.append(alignment_scores(m, m, images, vc, n_views=p['n_views'], features=[var], seed=p['seed'], progress=True)[var][0].numpy())
+            L.append(np.asarray(alignment_scores(m, m, images, vc, n_views=p['n_views'], features=[var], seed=p['seed'], progress=True)[var][0], dtype=float))
         L = np.stack(L).astype(float)
         np.savez(cache, refs=L)
     A, M = bank.alignment(feat)[:K].astype(float), bank.membership[:K]
