@@ -103,3 +103,17 @@ def test_dry_run_rejects_unknown_dataset(tmp_path, value, message):
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('grid_file', sorted(p.name for p in (ROOT / 'experiments').glob('*.yml')))
+def test_every_shipped_grid_file_expands(grid_file, tmp_path, monkeypatch):
+    "Every grid file in experiments/ reads and validates every run it lists; one that reads another run is refused only because that run is not made."
+    from memssl.grid import load_grid
+    from memssl.runs import RunError
+    monkeypatch.chdir(tmp_path)                                   # relative runs roots and source runs resolve in an empty directory
+    try: g = load_grid(ROOT / 'experiments' / grid_file)
+    except RunError as e:
+        assert 'source_run' in str(e) and 'runs/' in str(e), f'{grid_file}: {e}'
+        return
+    assert g['runs'] and g['notebook'].is_file()
+    assert len({rid for rid, _ in g['runs']}) == len(g['runs'])
