@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SECTIONS', 'machine', 'timed', 'per_image_protocol', 'forward_bound', 'bench_scoring', 'bench_training',
-           'score_variance', 'profile_step', 'bench_forward_variants', 'bench_streaming', 'run_benchmarks', 'main']
+           'score_variance', 'profile_step', 'bench_forward_variants', 'bench_streaming', 'git_commit',
+           'run_benchmarks', 'main']
 
 # %% ../nbs/17_bench.ipynb #c004
 import json, os, platform, resource, subprocess, sys, time
@@ -136,8 +137,10 @@ def profile_step(method:str, encoder_config:dict, vc:ViewConfig, images:torch.Te
         with profile(activities=acts) as prof:
             for s in range(steps):
                 loss = m.training_loss(batch, gen); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        ev = [e for e in prof.key_averages()]
-    key = 'self_cuda_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+        ev = [e for e in prof.key_averages() if not getattr(e, 'is_user_annotation', False)]   # operators only: a range such as Optimizer.step spans the operators it runs (on a GPU its device time is theirs again)
+    on_gpu = torch.device(device).type == 'cuda'
+    if on_gpu: ev = [e for e in ev if e.key.startswith('aten::')]   # on a GPU the kernels are listed again beside the operators that launch them: rank the operators by their kernels' time
+    key = ('self_device_time_total' if not ev or hasattr(ev[0], 'self_device_time_total') else 'self_cuda_time_total') if on_gpu else 'self_cpu_time_total'   # renamed in torch 2.4+
     total = sum(getattr(e, key) for e in ev) or 1
     ev.sort(key=lambda e: -getattr(e, key))
     return [dict(op=e.key, ms=getattr(e, key) / 1000 / steps, share=getattr(e, key) / total) for e in ev[:top]]
@@ -225,11 +228,20 @@ def bench_streaming(method:str, encoder_config:dict, vc:ViewConfig, images:torch
                          streamed_read_images_s=n_big / t_big))
 
 # %% ../nbs/17_bench.ipynb #c016
-SECTIONS = ('scoring', 'variance', 'training', 'forward_variants', 'profile', 'streaming')
+SECTIONS = ('scoring', 'variance', 'training', 'batch_scan', 'forward_variants', 'profile', 'streaming')
+
+def git_commit(cwd='.') -> str|None:
+    "The checkout's commit (with '+dirty' when tracked files differ from it), or None outside a git checkout."
+    try:
+        c = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if c.returncode: return None
+        d = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return c.stdout.strip() + ('+dirty' if d.stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError): return None
 
 def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:int=20, var_points:int=200, ks=(2, 4, 8, 16, 32),
                    repeats:int=5, methods=('simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'dino', 'mae'), device='auto',
-                   only=None) -> Path:   # only: sections to measure again, replacing them in the existing `out`
+                   only=None, batch_sizes=(256, 1024, 4096), command:str|None=None) -> Path:   # only: sections to measure again, replacing them in the existing `out`
     "Every benchmark on the encoders and data of a complete run; written atomically to `out` (default results/bench/<machine>.json)."
     import tempfile
     from memssl.io import pick_device, read_json
@@ -244,7 +256,7 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
     out = Path(out or f'results/bench/{name}-{torch.get_num_threads()}threads.json')
     if len(only) < len(SECTIONS) and not out.is_file(): raise FileNotFoundError(f'{out} does not exist: run every section first (drop --only)')
     r = RunResult(run_dir)
-    p = validate_params({**r.params, 'device': str(dev)})
+    p = validate_params({**r.params, 'run_dir': str(r.dir), 'device': str(dev)})   # the run as found here: a copied or moved run benchmarks too
     f, g = load_encoders(Run(p))
     train = r.data('train')
     vc = ViewConfig(**f.meta['views'])
@@ -253,7 +265,8 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
     mean, std = channel_stats(train.images[:20000])
     run_ec = ec_of(p['backbone'], C, H, proj_hidden=p['proj_hidden'], proj_out=p['proj_out'])
     res = read_json(out) if len(only) < len(SECTIONS) else {}
-    res.update(machine=mach, device=str(dev), run=str(r.dir.name), versions=package_versions(), time=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    res.update(machine=mach, device=str(dev), run=str(r.dir.name), versions=package_versions(), time=time.strftime('%Y-%m-%dT%H:%M:%S'),
+               commit=git_commit(Path(__file__).parent), command=command or f'run_benchmarks({str(run_dir)!r}, only={only})')
     def training():
         rows = []
         for m in methods:
@@ -263,13 +276,18 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
             mvc = METHODS[m].views(H, C, p['crop_scale_min'], p['color_strength'], mean=mean, std=std)
             rows.append(bench_training(m, ec, mvc, train.images[:p['batch_size']], batch_size=p['batch_size'], steps=4, device=dev))
         return rows
+    def batch_scan():
+        "The run's method at growing batches: where the step stops being bound by launching work rather than doing it (a GPU's question)."
+        ec = ec_of(p['backbone'], C, H, projector=METHODS[p['method']].projector, proj_hidden=p['proj_hidden'], proj_out=p['proj_out'])
+        mvc = METHODS[p['method']].views(H, C, p['crop_scale_min'], p['color_strength'], mean=mean, std=std)
+        return [bench_training(p['method'], ec, mvc, train.images[:b], batch_size=b, steps=4, device=dev) for b in batch_sizes if b <= len(train)]
     def streaming():
         imgs = train.images[:4096]
         with tempfile.TemporaryDirectory() as t:
             return bench_streaming(p['method'], run_ec, vc, imgs if isinstance(imgs, torch.Tensor) else imgs.load(), t, batch_size=p['batch_size'], device=dev)
     run = dict(scoring=lambda: bench_scoring(f, g, pts, vc, k=k, n_per_image=n_per_image, device=dev),
                variance=lambda: score_variance(f, g, pts[:var_points], vc, ks=ks, repeats=repeats, device=dev),
-               training=training,
+               training=training, batch_scan=batch_scan,
                forward_variants=lambda: bench_forward_variants(f, make_views(pts[:128], k, vc, torch.Generator().manual_seed(0)).flatten(0, 1), device=dev),
                profile=lambda: profile_step(p['method'], run_ec, vc, train.images[:p['batch_size']], batch_size=p['batch_size'], device=dev),
                streaming=streaming)
@@ -286,4 +304,4 @@ def main(argv=None):
     ap.add_argument('run_dir'); ap.add_argument('--out'); ap.add_argument('--device', default='auto')
     ap.add_argument('--only', nargs='+', choices=SECTIONS, help='measure these sections again; the others stay as they are in --out')
     a = ap.parse_args(argv)
-    print('wrote', run_benchmarks(a.run_dir, a.out, device=a.device, only=a.only))
+    print('wrote', run_benchmarks(a.run_dir, a.out, device=a.device, only=a.only, command=' '.join(['memssl-bench', *(sys.argv[1:] if argv is None else argv)])))

@@ -248,3 +248,28 @@ def test_unitmem_of_a_timm_vit_reads_its_mlp_units(grey_data):
     assert len(r.units) == 12 and all(l.endswith(f'blocks.{i}.mlp.act') for i, l in enumerate(r.units['layer']))
     assert r.units['units'].tolist() == [4 * 192] * 12                  # ViT-Tiny's MLP: 4 x 192 hidden units per block
     assert r.unitmem['unitmem'].between(0, 1).all() and (r.unitmem['mu_max'] >= 0).all()
+
+
+def test_benchmarks_of_a_moved_run_record_what_measured_them(memssl_run, tmp_path):
+    "memssl-bench reads a run where it lies now (not where params.json says it was made) and records the commit and command."
+    from memssl.bench import run_benchmarks
+    import shutil
+    d, npz, r = memssl_run
+    moved = tmp_path / 'moved'
+    shutil.copytree(r.dir, moved)
+    hidden = r.dir.with_name('run-hidden')
+    r.dir.rename(hidden)                                   # the run's recorded run_dir no longer exists while the copy is benchmarked
+    try:
+        out = tmp_path / 'bench.json'
+        out.write_text('{}')
+        run_benchmarks(moved, out, k=2, n_score=20, n_per_image=2, var_points=8, ks=(2, 4), repeats=1, methods=('simclr',), device='cpu',
+                       only=['scoring', 'variance', 'training', 'batch_scan', 'profile'], batch_sizes=(8, 16, 10_000), command='memssl-bench (test)')
+    finally:
+        hidden.rename(r.dir)
+    b = json.loads(out.read_text())
+    assert b['run'] == 'moved' and b['device'] == 'cpu' and b['command'] == 'memssl-bench (test)'
+    assert b['commit'] is None or len(b['commit'].split('+')[0]) >= 7
+    assert [row['batch_size'] for row in b['batch_scan']] == [8, 16]          # a batch larger than the data set is skipped
+    assert all(row['train_images_s'] > 0 and row['method'] == 'simclr' for row in b['batch_scan'])
+    assert b['scoring']['n_points'] == 20 and [v['k'] for v in b['variance']] == [2, 4]
+    assert b['profile'] and all(0 <= e['share'] <= 1 for e in b['profile']) and not any('#' in e['op'] for e in b['profile'])   # operators, no ranges
