@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['SECTIONS', 'machine', 'timed', 'per_image_protocol', 'forward_bound', 'bench_scoring', 'bench_training',
-           'score_variance', 'profile_step', 'bench_forward_variants', 'bench_streaming', 'git_commit',
-           'run_benchmarks', 'main']
+           'score_variance', 'profile_step', 'bench_forward_variants', 'bench_streaming', 'run_benchmarks', 'main']
 
 # %% ../nbs/17_bench.ipynb #c004
 import json, os, platform, resource, subprocess, sys, time
@@ -230,21 +229,12 @@ def bench_streaming(method:str, encoder_config:dict, vc:ViewConfig, images:torch
 # %% ../nbs/17_bench.ipynb #c016
 SECTIONS = ('scoring', 'variance', 'training', 'batch_scan', 'forward_variants', 'profile', 'streaming')
 
-def git_commit(cwd='.') -> str|None:
-    "The checkout's commit (with '+dirty' when tracked files differ from it), or None outside a git checkout."
-    try:
-        c = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if c.returncode: return None
-        d = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=cwd, capture_output=True, text=True, timeout=10)
-        return c.stdout.strip() + ('+dirty' if d.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError): return None
-
 def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:int=20, var_points:int=200, ks=(2, 4, 8, 16, 32),
                    repeats:int=5, methods=('simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'dino', 'mae'), device='auto',
                    only=None, batch_sizes=(256, 1024, 4096), command:str|None=None) -> Path:   # only: sections to measure again, replacing them in the existing `out`
     "Every benchmark on the encoders and data of a complete run; written atomically to `out` (default results/bench/<machine>.json)."
     import tempfile
-    from memssl.io import pick_device, read_json
+    from memssl.io import pick_device, read_json, git_commit
     from memssl.runs import RunResult, load_encoders, Run, validate_params, channel_stats
     from memssl.models import encoder_config as ec_of
     from memssl.methods import METHODS
