@@ -142,6 +142,11 @@ class Bank:
         A = self.alignment(variant); A[encoder] = values
         atomic_write_bytes(self.path / f'alignment-{variant}.npy', _npy(A))
 
+    def variants(self) -> list:
+        "The feature variants the bank holds alignments for (in `memssl.memorization`'s order)."
+        from memssl.memorization import FEATURES, PREDICTED
+        return [v for v in FEATURES + PREDICTED if (self.path / f'alignment-{v}.npy').is_file()]
+
     def scored(self, variant:str) -> np.ndarray:
         "The pairs both of whose encoders are scored for `variant`."
         done = ~np.isnan(self.alignment(variant)).all(1)
@@ -235,7 +240,7 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
     from memssl.models import load_encoder
     from memssl.splits import Split
     from memssl.train import fit_many
-    from memssl.memorization import alignment_scores, FEATURES
+    from memssl.memorization import alignment_scores, scored_variants
     from memssl.runs import (validate_params, Run, params_diff, claim_run, load_run_data, make_run_split, run_view_config,
                              run_encoder_config, run_train_config, method_hparams, pair_seed, coupled_order, parallel_of, complete_run)
     if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
@@ -286,13 +291,14 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
             encs = [load_encoder(run.path(f'ckpt/e{2 * r + k}/encoder.pt'), map_location=run.device) for k in (0, 1)]
             for k, e in enumerate(encs): bank.check_encoder(2 * r + k, (e.meta or {}).get('provenance'))
             t0 = time.perf_counter()
-            res = alignment_scores(encs[0], encs[1], images, vc, n_views=p['n_views'], features=list(FEATURES), seed=p['seed'],
+            variants = scored_variants(*encs)                    # with BYOL's and SimSiam's predictor variants where the checkpoints keep one
+            res = alignment_scores(encs[0], encs[1], images, vc, n_views=p['n_views'], features=variants, seed=p['seed'],
                                    device=run.device, progress=progress)
             for v, (a0, a1) in res.items():                     # projector_norm last: it marks the pair as done
                 if v != 'projector_norm': bank.set_alignment(2 * r, v, a0); bank.set_alignment(2 * r + 1, v, a1)
             bank.set_alignment(2 * r, 'projector_norm', res['projector_norm'][0]); bank.set_alignment(2 * r + 1, 'projector_norm', res['projector_norm'][1])
             t_score += time.perf_counter() - t0
-        summary = {v: bank_estimates(bank, v, seed=p['seed'])[1] for v in FEATURES}
+        summary = {v: bank_estimates(bank, v, seed=p['seed'])[1] for v in bank.variants()}
         atomic_write_json(bdir / 'summary.json', summary)
         run.timings.update(train=round(t_train, 2), score=round(t_score, 2))
         atomic_write_json(run.path('metrics.json'), dict(experiment='bank', design=design, bank=summary, timings=run.timings))

@@ -39,6 +39,9 @@ class SSLMethod(nn.Module):
         return self.training_loss(images, gen)
     def on_step_end(self, step:int, total_steps:int): "Hook for momentum updates and the like."
     def hparams(self) -> dict: return {}
+    def predictor_config(self) -> dict|None:
+        "The predictor a checkpoint keeps beside the encoder (`memssl.models.save_encoder`), if the method has one."
+        return None
 
 def alignment_penalty(z1:torch.Tensor, z2:torch.Tensor, cap:float=0.0) -> torch.Tensor:
     "The mean over the batch of relu(cos(z1_i, z2_i) - cap)^2: zero for pairs of views aligned no closer than `cap`."
@@ -119,6 +122,7 @@ class BYOL(SSLMethod):
     def on_step_end(self, step, total_steps):
         ema_update(self.encoder, self.target, ema_momentum(step, total_steps, self.momentum_start, self.momentum_end))
     def hparams(self): return dict(pred_hidden=self.pred_hidden, momentum_start=self.momentum_start, momentum_end=self.momentum_end)
+    def predictor_config(self): d = proj_dim(self.encoder); return dict(kind='byol', in_dim=d, hidden_dim=self.pred_hidden, out_dim=d)
 
 METHODS['byol'] = BYOL
 
@@ -142,6 +146,7 @@ class SimSiam(SSLMethod):
         z1, z2 = z.chunk(2)
         return self.loss_on(p1, p2, z1, z2)
     def hparams(self): return dict(pred_hidden=self.pred_hidden)
+    def predictor_config(self): d = proj_dim(self.encoder); return dict(kind='simsiam', in_dim=d, hidden_dim=self.pred_hidden, out_dim=d)
 
 METHODS['simsiam'] = SimSiam
 

@@ -34,7 +34,7 @@ from .models import encoder_config, load_encoder, Encoder, BACKBONES, takes_patc
 from .methods import METHODS
 from .train import TrainConfig, fit_many
 from .io import dist_info
-from .memorization import sslmem_scores, scoring_views, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
+from .memorization import sslmem_scores, scoring_views, scored_variants, set_tests, center_scores, FEATURES, COMPARISONS, SHORT
 from .probe import probe_encoder
 
 # %% ../nbs/09_runs.ipynb #67ccea6c
@@ -594,7 +594,7 @@ def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageDat
     parts = []
     with run.timed('score'):
         for r, (f, g) in enumerate(pairs):
-            res = sslmem_scores(f, g, imgs, idx, scoring_views(f, g, vc), n_views=p['n_views'], features=list(FEATURES),
+            res = sslmem_scores(f, g, imgs, idx, scoring_views(f, g, vc), n_views=p['n_views'], features=scored_variants(f, g),
                                 seed=pair_seed(p['seed'], r), device=run.device, progress=True, shard=shard)
             sp = pair_roles(run, split, r, idx, roles)               # pool points: candidates or independent in this pair
             if can is not None: sp = np.where(roles == 'canary', np.where(np.isin(idx, pair_training_sets(run, split, r)[0]), 'canary_in', 'canary_out'), sp)

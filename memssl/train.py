@@ -245,7 +245,8 @@ def fit(method,                        # an `SSLMethod`
         if hooks is not None: hooks._close()                      # the encoder leaves fit without Opacus's hooks
     if rank != 0: barrier(); return history
     atomic_write_json(out / 'history.json', history)
-    save_encoder(method.encoder, out / 'encoder.pt', method=method.name, hparams=method.hparams(),
+    pc = method.predictor_config()                                # BYOL's and SimSiam's predictor, kept beside the encoder
+    save_encoder(method.encoder, out / 'encoder.pt', predictor=None if pc is None else (pc, method.predictor), method=method.name, hparams=method.hparams(),
                  views=method.view_config.to_dict(), train=asdict(cfg), data=data_id, epochs_done=len(history), provenance=provenance)
     barrier()                                                     # the files exist before any process moves on
     return history
