@@ -26,7 +26,7 @@ def test_a_simsiam_run_scores_what_its_loss_aligns(tmp_path):
     for k, v in f.predictor.state_dict().items(): assert torch.equal(v, ck[f'predictor.{k}']), k
     every = pd.read_csv(r.dir / 'scores_all.csv')
     assert set(every['features']) == set(FEATURES) | set(PREDICTED)
-    assert {t['features'] for t in r.metrics['tests']} == set(FEATURES) | set(PREDICTED)
+    assert {t['features'] for t in r.metrics['tests']} == set(FEATURES) | set(PREDICTED) == set(r.metrics['pointwise'])
     bank = Bank(r.dir / 'bank')
     assert bank.variants() == list(FEATURES) + list(PREDICTED)
     t, summary = bank_estimates(bank, 'predictor_norm')
