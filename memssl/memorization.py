@@ -66,15 +66,14 @@ def encode_variants(model:nn.Module, x:torch.Tensor, features, keep:torch.Tensor
     pred = [v for v in features if v in PREDICTED]
     if pred and (model.predictor is None or keep is not None):
         raise ValueError(f'feature variants {pred} need an encoder whose checkpoint keeps its predictor (BYOL, SimSiam) and unmasked views')
-    if pred:                                                     # (projection, prediction): compared across views by `cross_alignment`
-        z, q = model.forward_predicted(x)
-        out = {v: (F.normalize(q, dim=1), F.normalize(z, dim=1)) if v.endswith('_norm') else (q, z) for v in pred}
-        rest = [v for v in features if v not in PREDICTED]
-        return {**encode_variants(model, x, rest), **out} if rest else out
     if keep is not None: h, z = model.forward_visible(x, keep)
-    else: h, z = model.forward_both(x) if any(v.startswith('projector') for v in features) else (model(x), None)
+    else: h, z = model.forward_both(x) if any(v.startswith(('projector', 'predictor')) for v in features) else (model(x), None)
     base = {'backbone': h, 'projector': z}
-    return {v: F.normalize(base[v.removesuffix('_norm')], dim=1) if v.endswith('_norm') else base[v] for v in features}
+    out = {v: F.normalize(base[v.removesuffix('_norm')], dim=1) if v.endswith('_norm') else base[v] for v in features if v not in PREDICTED}
+    if pred:                                                     # (prediction, projection): compared across views by `cross_alignment`
+        q = model.predictor(z)
+        out.update({v: (F.normalize(q, dim=1), F.normalize(z, dim=1)) if v.endswith('_norm') else (q, z) for v in pred})
+    return out
 
 # %% ../nbs/08_memorization.ipynb #c008
 def view_masks(f:nn.Module, g:nn.Module, n:int, mask_ratio:float, seed:int) -> torch.Tensor|None:

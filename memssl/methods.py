@@ -40,8 +40,10 @@ class SSLMethod(nn.Module):
     def on_step_end(self, step:int, total_steps:int): "Hook for momentum updates and the like."
     def hparams(self) -> dict: return {}
     def predictor_config(self) -> dict|None:
-        "The predictor a checkpoint keeps beside the encoder (`memssl.models.save_encoder`), if the method has one."
-        return None
+        "The predictor a checkpoint keeps beside the encoder (`memssl.models.save_encoder`): BYOL's and SimSiam's, built by `build_predictor`."
+        if getattr(self, 'predictor', None) is None: return None
+        d = proj_dim(self.encoder)
+        return dict(kind=self.name, in_dim=d, hidden_dim=self.pred_hidden, out_dim=d)
 
 def alignment_penalty(z1:torch.Tensor, z2:torch.Tensor, cap:float=0.0) -> torch.Tensor:
     "The mean over the batch of relu(cos(z1_i, z2_i) - cap)^2: zero for pairs of views aligned no closer than `cap`."
@@ -122,7 +124,6 @@ class BYOL(SSLMethod):
     def on_step_end(self, step, total_steps):
         ema_update(self.encoder, self.target, ema_momentum(step, total_steps, self.momentum_start, self.momentum_end))
     def hparams(self): return dict(pred_hidden=self.pred_hidden, momentum_start=self.momentum_start, momentum_end=self.momentum_end)
-    def predictor_config(self): d = proj_dim(self.encoder); return dict(kind='byol', in_dim=d, hidden_dim=self.pred_hidden, out_dim=d)
 
 METHODS['byol'] = BYOL
 
@@ -146,7 +147,6 @@ class SimSiam(SSLMethod):
         z1, z2 = z.chunk(2)
         return self.loss_on(p1, p2, z1, z2)
     def hparams(self): return dict(pred_hidden=self.pred_hidden)
-    def predictor_config(self): d = proj_dim(self.encoder); return dict(kind='simsiam', in_dim=d, hidden_dim=self.pred_hidden, out_dim=d)
 
 METHODS['simsiam'] = SimSiam
 

@@ -188,13 +188,12 @@ CKPT_FORMAT = 'memssl-encoder/1'
 class CheckpointError(ValueError):
     "A checkpoint that is missing, corrupted, or does not match what it is loaded into."
 
-PREDICTORS = ('byol', 'simsiam')
+PREDICTORS = {'byol': 'BYOLPredictionHead', 'simsiam': 'SimSiamPredictionHead'}   # method -> lightly's prediction head
 
 def build_predictor(kind:str, in_dim:int, hidden_dim:int, out_dim:int) -> nn.Module:
     "BYOL's or SimSiam's prediction head (lightly's), from the config a checkpoint records."
-    heads = {'byol': 'BYOLPredictionHead', 'simsiam': 'SimSiamPredictionHead'}
-    if kind not in heads: raise CheckpointError(f'unknown predictor {kind!r}; known: {list(heads)}')
-    return getattr(lightly_module('lightly.models.modules'), heads[kind])(in_dim, hidden_dim, out_dim)
+    if kind not in PREDICTORS: raise CheckpointError(f'unknown predictor {kind!r}; known: {list(PREDICTORS)}')
+    return getattr(lightly_module('lightly.models.modules'), PREDICTORS[kind])(in_dim, hidden_dim, out_dim)
 
 def save_encoder(enc:Encoder, path, predictor:tuple|None=None, **meta):
     """Save `enc`'s state_dict and config (plus JSON-able `meta`) atomically; `predictor`: (config for `build_predictor`, module), kept
@@ -247,5 +246,4 @@ def load_encoder(path,                # a file written by `save_encoder`
         try: enc.predictor.load_state_dict(ck['predictor']['state_dict'], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f'the predictor in {path} does not fit its config {cfg}: {str(e).splitlines()[0]} ...') from None
-        enc.predictor.to(next(enc.parameters()).device)
     return enc.eval()
