@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DESIGNS', 'SETS', 'BankError', 'pair_halves', 'bank_membership', 'Bank', 'write_run_bank', 'bank_estimates',
-           'run_bank', 'main', 'record_bank']
+           'check_bank_dir', 'bank_points', 'bank_jobs', 'train_bank_encoder', 'run_bank', 'main', 'record_bank']
 
 # %% ../nbs/21_bank.ipynb #8456f83e
 import json, time
@@ -232,61 +232,104 @@ def bank_estimates(bank:Bank, variant:str, n_draws:int=20, seed:int=0) -> tuple:
     return t, summary
 
 # %% ../nbs/21_bank.ipynb #7ca051c5
-def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
-    "Train and score the bank of an SSLMem run's parameters with `design`; returns the summary per feature variant."
-    import torch
+def check_bank_dir(run, design:str) -> None:
+    "Refuse a run directory that holds a bank of another design, or of other parameters than `run`'s (a bank grows only by `n_pairs`)."
+    from memssl.io import read_json
+    from memssl.runs import params_diff
+    if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
+    prev = run.path('params.json')
+    if not prev.exists(): return
+    meta = read_json(prev)
+    if meta.get('bank_design') not in (None, design): raise BankError(f"{run.dir} holds a bank of design {meta['bank_design']!r}, not {design!r}")
+    old = meta.get('params', {})
+    diff = {k: v for k, v in params_diff(old, run.params).items() if not (k == 'n_pairs' and old.get('n_pairs', 0) <= run.params['n_pairs'])}
+    if diff: raise BankError(f'{run.dir} holds a bank with other parameters (' + '; '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())
+                             + '); a bank grows only by n_pairs: choose another run_dir')
+
+def bank_points(split, train) -> pd.DataFrame:
+    "The points of the bank of an SSLMem run's split: its shared points, its candidates and independent points together as the pool, its extra set."
+    if split.extra_from != 'train': raise BankError('a bank takes its extra points from the train split')
+    pts = pd.concat([pd.DataFrame(dict(idx=split[s], set=n)) for s, n in (('shared', 'shared'), ('candidates', 'pool'),
+                     ('independent', 'pool'), ('extra', 'extra'))], ignore_index=True)
+    pts['label'] = train.labels.numpy()[pts['idx'].to_numpy()]
+    return pts
+
+def bank_jobs(run, train, bank:Bank, r:int) -> list:
+    "The training jobs (`memssl.train.fit_many`'s dicts) of pair `r`'s two encoders, rows 2r and 2r + 1 of `bank`, in `ckpt/e<row>`."
     from dataclasses import asdict
-    from memssl.io import atomic_write_json, read_json
-    from memssl.models import load_encoder
     from memssl.splits import Split
+    from memssl.runs import run_view_config, run_encoder_config, run_train_config, method_hparams, pair_seed, coupled_order
+    p, design = run.params, bank.meta['design']
+    idx_all = bank.points['idx'].to_numpy().copy()
+    sets = bank.points['set'].to_numpy()
+    pool = np.isin(sets, ('pool', 'canary'))
+    half = bank.membership[2 * r] & pool
+    sp = Split({'shared': idx_all[sets == 'shared'], 'candidates': idx_all[half], 'independent': idx_all[pool & ~half]},
+               dataset=train.name, fingerprint=train.fingerprint, n_train=len(train))
+    orders = coupled_order(sp, train.labels.numpy()) if p['coupled'] else (sp.train_f(), sp.train_g())
+    s = pair_seed(p['seed'], r)
+    vc, ec, tc = run_view_config(run, train), run_encoder_config(run, train), asdict(run_train_config(p, seed=s))
+    return [dict(name=f'e{2 * r + k}', method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=s, hparams=method_hparams(p),
+                 images=train.images[o], train_config=tc, out_dir=run.path(f'ckpt/e{2 * r + k}'), device=str(run.device),
+                 provenance=dict(dataset=train.name, fingerprint=train.fingerprint, bank=design, pair=r, slot=k,
+                                 train_hash=index_hash(o), n_train=int(len(o)), seed=s),
+                 data_id=f'{train.fingerprint}:bank:{index_hash(o)}')
+            for k, o in enumerate(orders)]
+
+def train_bank_encoder(params:dict, k:int, design:str='redrawn') -> Path:
+    """Train encoder row `k` of the bank of `params` alone: one job of a cluster array (a SLURM array task, a submitit job, one of several
+    processes sharing a GPU), or under torchrun data-parallel over its processes. The run directory is not claimed, so the jobs of one bank
+    run side by side, each in its own `ckpt/e<k>` (a killed job resumes from its last epoch); the membership is the bank's, drawn from the
+    run's seed and design exactly as `run_bank` draws it. `run_bank` with the same parameters then finds the encoders trained, checks
+    each against its membership row, and scores them. Returns the encoder's directory."""
+    import tempfile
+    from memssl.distributed import init_distributed
+    from memssl.io import barrier
+    from memssl.runs import validate_params, Run, load_run_data, make_run_split
+    from memssl.train import _fit_job
+    p = validate_params(params)
+    if not isinstance(k, int) or not 0 <= k < 2 * p['n_pairs']: raise BankError(f"encoder must be one of 0..{2 * p['n_pairs'] - 1} (n_pairs={p['n_pairs']}), got {k!r}")
+    rank, world, dev = init_distributed(p['device'])
+    run = Run({**p, 'device': str(dev)})
+    check_bank_dir(run, design)
+    train, test = load_run_data(run, record=False)
+    pts = bank_points(make_run_split(run, train, test, record=False), train)
+    with tempfile.TemporaryDirectory() as tmp:                                # the membership, as the run's bank holds (or will hold) it
+        bdir = run.path('bank')
+        bank = Bank(bdir) if (bdir / 'bank.json').is_file() else None
+        if bank is None or bank.n_pairs <= k // 2: bank = Bank.create(Path(tmp) / 'bank', pts, p['n_pairs'], p['seed'], design)
+        job = bank_jobs(run, train, bank, k // 2)[k % 2]
+    if dev.type == 'cuda' and world > 1: job['sync_batchnorm'] = True
+    if not (Path(job['out_dir']) / 'encoder.pt').is_file(): _fit_job(job)
+    barrier()
+    return Path(job['out_dir'])
+
+def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
+    "Train (where `train_bank_encoder` has not) and score the bank of an SSLMem run's parameters with `design`; returns the summary per feature variant."
+    from memssl.io import atomic_write_json
+    from memssl.models import load_encoder
     from memssl.train import fit_many
     from memssl.memorization import alignment_scores, scored_variants
-    from memssl.runs import (validate_params, Run, params_diff, claim_run, load_run_data, make_run_split, run_view_config,
-                             run_encoder_config, run_train_config, method_hparams, pair_seed, coupled_order, parallel_of, complete_run)
+    from memssl.runs import validate_params, Run, claim_run, load_run_data, make_run_split, run_view_config, parallel_of, complete_run
     if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
     p = validate_params(params)
     run = Run(p)
-    prev = run.path('params.json')
-    if prev.exists() and read_json(prev).get('bank_design') not in (None, design):
-        raise BankError(f"{run.dir} holds a bank of design {read_json(prev)['bank_design']!r}, not {design!r}")
-    if prev.exists():                                              # the same bank again, or grown by more pairs: nothing else may differ
-        old = read_json(prev).get('params', {})
-        diff = {k: v for k, v in params_diff(old, p).items() if not (k == 'n_pairs' and old.get('n_pairs', 0) <= p['n_pairs'])}
-        if diff: raise BankError(f'{run.dir} holds a bank with other parameters (' + '; '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())
-                                 + '); a bank grows only by n_pairs: choose another run_dir')
+    check_bank_dir(run, design)
     claim_run(run, bank_design=design)
     try:
         train, test = load_run_data(run)
-        split = make_run_split(run, train, test)
-        if split.extra_from != 'train': raise BankError('a bank takes its extra points from the train split')
-        pts = pd.concat([pd.DataFrame(dict(idx=split[s], set=n)) for s, n in (('shared', 'shared'), ('candidates', 'pool'),
-                         ('independent', 'pool'), ('extra', 'extra'))], ignore_index=True)
-        pts['label'] = train.labels.numpy()[pts['idx'].to_numpy()]
+        pts = bank_points(make_run_split(run, train, test), train)
         bdir = run.path('bank')
         bank = Bank(bdir).grow(p['n_pairs']) if (bdir / 'bank.json').exists() else Bank.create(bdir, pts, p['n_pairs'], p['seed'], design)
-        vc, ec = run_view_config(run, train), run_encoder_config(run, train)
-        idx_all = bank.points['idx'].to_numpy().copy()                  # (writable: torch indexes with it)
-        images = train.images[idx_all]
-        labels = train.labels.numpy()
+        vc = run_view_config(run, train)
+        images = train.images[bank.points['idx'].to_numpy().copy()]               # (writable: torch indexes with it)
         t_train = t_score = 0.0
         done = {int(a) // 2 for a, _ in bank.scored('projector_norm')}   # pairs scored before (projector_norm is written last)
-        pool = bank.points['set'].isin(['pool', 'canary']).to_numpy()
         for r in range(bank.n_pairs):
             if r in done: continue
-            half = bank.membership[2 * r] & pool
-            sp = Split({'shared': idx_all[bank.points['set'].to_numpy() == 'shared'], 'candidates': idx_all[half],
-                        'independent': idx_all[pool & ~half]}, dataset=train.name, fingerprint=train.fingerprint, n_train=len(train))
-            orders = coupled_order(sp, labels) if p['coupled'] else (sp.train_f(), sp.train_g())
-            s = pair_seed(p['seed'], r)
-            tc = asdict(run_train_config(p, seed=s))
-            jobs = [dict(name=f'e{2 * r + k}', method=p['method'], encoder_config=ec, view_config=vc.to_dict(), init_seed=s, hparams=method_hparams(p),
-                         images=train.images[o], train_config=tc, out_dir=run.path(f'ckpt/e{2 * r + k}'), device=str(run.device),
-                         provenance=dict(dataset=train.name, fingerprint=train.fingerprint, bank=design, pair=r, slot=k,
-                                         train_hash=index_hash(o), n_train=int(len(o)), seed=s),
-                         data_id=f'{train.fingerprint}:bank:{index_hash(o)}')
-                    for k, o in enumerate(orders)]
+            jobs = [j for j in bank_jobs(run, train, bank, r) if not (Path(j['out_dir']) / 'encoder.pt').is_file()]   # trained by a job: kept
             t0 = time.perf_counter()
-            fit_many(jobs, parallel=parallel_of(p))
+            if jobs: fit_many(jobs, parallel=parallel_of(p) if len(jobs) == 2 else False)
             t_train += time.perf_counter() - t0
             encs = [load_encoder(run.path(f'ckpt/e{2 * r + k}/encoder.pt'), map_location=run.device) for k in (0, 1)]
             for k, e in enumerate(encs): bank.check_encoder(2 * r + k, (e.meta or {}).get('provenance'))
@@ -311,18 +354,23 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
         raise
 
 def main(argv=None):
-    "Command line: memssl-bank [--design redrawn|fixed] [--set KEY=VALUE ...] --run-dir DIR"
+    "Command line: memssl-bank [--design redrawn|fixed] [--encoder K] [--set KEY=VALUE ...] --run-dir DIR"
     import argparse, sys, yaml
     ap = argparse.ArgumentParser(prog='memssl-bank', description='Train and score a bank of encoder pairs (membership drawn afresh per pair, or fixed).')
     ap.add_argument('--design', default='redrawn', choices=DESIGNS)
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='an SSLMem run parameter (YAML value), e.g. n_pairs=4')
     ap.add_argument('--run-dir', required=True)
+    ap.add_argument('--encoder', type=int, default=None, metavar='K',
+                    help='only train encoder K (0..2 n_pairs - 1) and stop: one job of a cluster array, or under torchrun; then run without it to score')
     a = ap.parse_args(argv)
     p = {'run_dir': a.run_dir}
     for kv in a.set:
         if '=' not in kv: ap.error(f'--set expects KEY=VALUE, got {kv!r}')
         k, v = kv.split('=', 1); p[k] = yaml.safe_load(v)
-    try: s = run_bank(p, a.design)
+    try:
+        if a.encoder is not None:
+            print(f'memssl-bank: encoder {a.encoder} trained: {train_bank_encoder(p, a.encoder, a.design)}'); return 0
+        s = run_bank(p, a.design)
     except (BankError, ValueError, FileNotFoundError) as e: print(f'memssl-bank: {e}', file=sys.stderr); return 2
     x = s['projector_norm']
     print(f"memssl-bank: complete: {a.run_dir} | {a.design}, {x['n_pairs']} pairs | projector_norm split-half: pool "

@@ -340,26 +340,28 @@ def complete_run(run:Run):
     release_dir(run.dir)
 
 # %% ../nbs/09_runs.ipynb #ba9ad4c6
-def load_run_data(run:Run):
-    "The train split and, where the dataset has one, the test split; records the fingerprint."
+def load_run_data(run:Run, record:bool=True):
+    "The train split and, where the dataset has one, the test split; records the fingerprint in `params.json` (unless `record` is False: a job that does not own the run)."
     p = run.params
     with run.timed('load_data'):
         train = load_dataset(p['dataset'], p['data_root'], 'train', download=p['download'])
         try: test = load_dataset(p['dataset'], p['data_root'], 'test', download=p['download'])
         except (ValueError, KeyError, FileNotFoundError) as e:
             print(f'no test split ({e}); probes are skipped'); test = None
+    if not record: return train, test
     d = read_json(run.path('params.json'))
     d['dataset'] = dict(name=train.name, fingerprint=train.fingerprint, n_train=len(train), n_test=None if test is None else len(test),
                         shape=list(train.images.shape[1:]), classes=train.classes, streamed=isinstance(train.images, LazyImages))
     atomic_write_json(run.path('params.json'), d)
     return train, test
 
-def make_run_split(run:Run, train:ImageData, test:ImageData|None) -> Split:
-    "The run's split (from a file, a preset or random sizes), validated and saved as `split.json`."
+def make_run_split(run:Run, train:ImageData, test:ImageData|None, record:bool=True) -> Split:
+    "The run's split (from a file, a preset or random sizes), validated and saved as `split.json` (unless `record` is False)."
     p = run.params
     s = get_split(train, split_file=p['split_file'], preset=p['split_preset'], n_shared=p['n_shared'], n_candidates=p['n_candidates'],
                   n_independent=p['n_independent'], n_extra=p['n_extra'], seed=p['seed'], test_size=None if test is None else len(test))
     if s.extra_from == 'test' and test is None: raise RunError('the split takes its extra set from the test split, but the dataset has none')
+    if not record: return s
     s.save(run.path('split.json'))
     d = read_json(run.path('params.json'))
     d['split'] = dict(hash=s.hash(), sizes=s.sizes(), extra_from=s.extra_from, source=p['split_file'] or p['split_preset'] or 'random')

@@ -145,3 +145,34 @@ def test_target_reference_job_under_torchrun(tmp_path):
     m = run_target({k: yaml.safe_load(str(v)) for k, v in sets.items()}, progress=False)          # the same parameters as the jobs'
     assert [(tmp_path / 'audit' / 'refs' / f'e{k}' / 'encoder.pt').stat().st_mtime_ns for k in (0, 1)] == stamps   # nothing retrained
     assert m['n_refs'] == 2 and len(TargetResult(tmp_path / 'audit').table) == 80
+
+
+def test_bank_encoders_as_concurrent_jobs(tmp_path):
+    """A bank's four encoders trained by four `memssl-bank --encoder K` processes at once (how several jobs share one GPU, or the tasks
+    of a cluster array run), one of them under torchrun: `memssl-bank` then checks each checkpoint against its membership row and
+    scores without training anything, and the bank's alignments are the ones of a bank `memssl-bank` makes alone."""
+    from memssl.bank import Bank
+    npz = write_fake_dataset('npz', tmp_path / 'data', n_train=200, n_test=20)
+    sets = dict(dataset=f'npz:{npz}', n_shared=60, n_candidates=30, n_independent=30, n_extra=40, epochs=2, batch_size=16, n_views=4,
+                n_pairs=2, coupled='true', device='cpu', parallel='false')
+    args = lambda d: [x for k, v in sets.items() for x in ('--set', f'{k}={v}')] + ['--run-dir', str(tmp_path / d)]
+    exe = str(BIN / 'memssl-bank')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen(TORCHRUN + [exe, '--encoder', '0', *args('jobs')], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
+    procs += [subprocess.Popen([exe, '--encoder', str(k), *args('jobs')], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for k in (1, 2, 3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, '\n'.join(o[-2000:] for o in outs)
+    assert all(f'encoder {k} trained' in o for k, o in enumerate(outs))
+    stamps = [(tmp_path / 'jobs' / 'ckpt' / f'e{k}' / 'encoder.pt').stat().st_mtime_ns for k in range(4)]
+    r = subprocess.run([exe, *args('jobs')], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and 'memssl-bank: complete' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [(tmp_path / 'jobs' / 'ckpt' / f'e{k}' / 'encoder.pt').stat().st_mtime_ns for k in range(4)] == stamps   # scored, not retrained
+    r = subprocess.run([exe, *args('whole')], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jobs, whole = Bank(tmp_path / 'jobs' / 'bank'), Bank(tmp_path / 'whole' / 'bank')
+    assert (jobs.membership == whole.membership).all()
+    # encoder 0 trained data-parallel over two processes (each half of every batch) follows the one-process run closely, not bit for bit
+    np.testing.assert_allclose(jobs.alignment('projector_norm')[1:], whole.alignment('projector_norm')[1:], atol=1e-5)
+    np.testing.assert_allclose(jobs.alignment('projector_norm')[0], whole.alignment('projector_norm')[0], atol=0.05)
+    bad = subprocess.run([exe, '--encoder', '4', *args('jobs')], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and 'encoder must be one of 0..3' in bad.stderr
