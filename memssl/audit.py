@@ -28,7 +28,9 @@ from .augment import simclr_views, ViewConfig
 from .models import Encoder, load_encoder, build_backbone, BACKBONES, CheckpointError, load_tensors
 from .methods import mae_views
 from .memorization import sslmem_scores, center_scores
-from .runs import RunError, channel_stats, available_tests, set_status, check_dataset_name, resolve_paths, is_complete, known_params, check_ints, check_destination
+from .params import RunError, check_dataset_name, resolve_paths, known_params, check_ints, check_destination
+from .rundir import set_status, is_complete
+from .runs import channel_stats, available_tests
 
 # %% ../nbs/15_audit.ipynb #23b40f94
 def read_state_dict(path) -> dict:
@@ -327,7 +329,9 @@ def validate_audit_params(params:dict) -> dict:
     return p
 
 # %% ../nbs/15_audit.ipynb #c852be25
-from .runs import Run, check_same_run, claim_run, complete_run, params_id, score_points, tests_all_variants, check_pair
+from .params import params_id
+from .rundir import Run, check_same_run, claim_run, complete_run
+from .runs import score_points, tests_all_variants, check_pair
 from .memorization import FEATURES
 
 class Audit(Run):

@@ -235,7 +235,7 @@ def bank_estimates(bank:Bank, variant:str, n_draws:int=20, seed:int=0) -> tuple:
 def check_bank_dir(run, design:str) -> None:
     "Refuse a run directory that holds a bank of another design, or of other parameters than `run`'s (a bank grows only by `n_pairs`)."
     from memssl.io import read_json
-    from memssl.runs import params_diff
+    from memssl.params import params_diff
     if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
     prev = run.path('params.json')
     if not prev.exists(): return
@@ -285,7 +285,9 @@ def train_bank_encoder(params:dict, k:int, design:str='redrawn') -> Path:
     import tempfile
     from memssl.distributed import init_distributed
     from memssl.io import barrier
-    from memssl.runs import validate_params, Run, load_run_data, make_run_split
+    from memssl.params import validate_params
+    from memssl.rundir import Run
+    from memssl.runs import load_run_data, make_run_split
     from memssl.train import _fit_job
     p = validate_params(params)
     if not isinstance(k, int) or not 0 <= k < 2 * p['n_pairs']: raise BankError(f"encoder must be one of 0..{2 * p['n_pairs'] - 1} (n_pairs={p['n_pairs']}), got {k!r}")
@@ -310,7 +312,9 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
     from memssl.models import load_encoder
     from memssl.train import fit_many
     from memssl.memorization import alignment_scores, scored_variants
-    from memssl.runs import validate_params, Run, claim_run, load_run_data, make_run_split, run_view_config, parallel_of, complete_run
+    from memssl.params import validate_params
+    from memssl.rundir import Run, claim_run, complete_run
+    from memssl.runs import load_run_data, make_run_split, run_view_config, parallel_of
     if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
     p = validate_params(params)
     run = Run(p)
@@ -348,7 +352,7 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
         complete_run(run)
         return summary
     except BaseException as e:
-        from memssl.runs import set_status
+        from memssl.rundir import set_status
         from memssl.io import release_dir
         set_status(run.dir, 'failed', error=f'{type(e).__name__}: {e}'); release_dir(run.dir)
         raise

@@ -235,7 +235,9 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
     "Every benchmark on the encoders and data of a complete run; written atomically to `out` (default results/bench/<machine>.json)."
     import tempfile
     from memssl.io import pick_device, read_json, git_commit
-    from memssl.runs import RunResult, load_encoders, Run, validate_params, channel_stats
+    from memssl.params import validate_params
+    from memssl.rundir import Run
+    from memssl.runs import RunResult, load_encoders, channel_stats
     from memssl.models import encoder_config as ec_of
     from memssl.methods import METHODS
     only = list(SECTIONS if only is None else only)
@@ -255,7 +257,7 @@ def run_benchmarks(run_dir, out=None, k:int=16, n_score:int=2000, n_per_image:in
     mean, std = channel_stats(train.images[:20000])
     run_ec = ec_of(p['backbone'], C, H, proj_hidden=p['proj_hidden'], proj_out=p['proj_out'])
     res = read_json(out) if len(only) < len(SECTIONS) else {}
-    res.update(machine=mach, device=str(dev), run=str(r.dir.name), versions=package_versions(), time=time.strftime('%Y-%m-%dT%H:%M:%S'),
+    res.update(machine=mach, device=str(dev), run=str(r.dir.name), method=p['method'], versions=package_versions(), time=time.strftime('%Y-%m-%dT%H:%M:%S'),
                commit=git_commit(Path(__file__).parent), command=command or f'run_benchmarks({str(run_dir)!r}, only={only})')
     def training():
         rows = []

@@ -190,8 +190,11 @@ def classifier_correct(model:nn.Module, images:torch.Tensor, labels, view_config
 
 # %% ../nbs/20_compare.ipynb #c3fd16e9
 from .io import read_json, atomic_write_bytes, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
-from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, run_view_config
-from .runs import known_params, check_ints, check_destination, pair_roles
+from .params import RunError, resolve_paths, params_id
+from .rundir import Run, check_same_run, claim_run, complete_run
+from .runs import RunResult, run_view_config
+from .params import known_params, check_ints, check_destination
+from .runs import pair_roles
 from .data import load_dataset
 from .layers import source_sslmem_run, layers_inputs, record_summary
 

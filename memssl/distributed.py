@@ -16,8 +16,10 @@ from .data import load_dataset
 from .splits import load_split
 from .io import dist_info, barrier, RunLocked
 from .train import _fit_job
-from .runs import (validate_params, start_run, Run, RunError, load_run_data, make_run_split, run_view_config, training_jobs,
-                         load_encoders, load_pairs, score_run, score_pairs, tests_all_variants, probe_run, finish_run)
+from .params import validate_params, RunError
+from .rundir import Run
+from .runs import (start_run, load_run_data, make_run_split, run_view_config, training_jobs, load_encoders, load_pairs, score_run, score_pairs,
+                         tests_all_variants, probe_run, finish_run)
 
 def init_distributed(device='auto') -> tuple:
     "Join the torchrun process group if there is one: (rank, world size, this process's device). gloo on CPUs, NCCL on GPUs."

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from .io import experiment_kinds, read_json, DirLock, RunLocked, read_lock, describe_holder, lock_is_stale, LOCK_NAME
-from .runs import validate_params, params_id, is_complete, set_status, RunError, DEFAULTS, resolve_paths, check_same_run
+from .params import validate_params, params_id, RunError, DEFAULTS, resolve_paths
+from .rundir import is_complete, set_status, check_same_run
 
 def default_notebook(name:str='sslmem.ipynb') -> Path:
     "An experiment notebook of this checkout: next to the package, or in a folder above the working directory."

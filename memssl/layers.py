@@ -174,7 +174,9 @@ def unitmem(mu:np.ndarray,                # (N, U): mean activation of each unit
 import time
 from pathlib import Path
 from .io import read_json, atomic_write_json, atomic_write_text, pick_device, ExperimentKind, register_kind
-from .runs import Run, RunError, RunResult, resolve_paths, check_same_run, claim_run, complete_run, params_id, known_params, check_ints, check_destination
+from .params import RunError, resolve_paths, params_id, known_params, check_ints, check_destination
+from .rundir import Run, check_same_run, claim_run, complete_run
+from .runs import RunResult
 from .runs import load_encoders, run_view_config, run_canaries, pair_roles, planted_train
 from .data import load_dataset
 from .memorization import set_tests

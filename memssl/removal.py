@@ -26,8 +26,9 @@ from .models import load_encoder, Encoder
 from .train import fit_many
 from .memorization import FEATURES
 from .probe import probe_encoder, extract_features
-from .runs import (RunError, Run, set_status, check_same_run, claim_run, complete_run, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from,
-                         is_complete, run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of)
+from .params import RunError, params_id, resolve_paths, check_dataset_name, check_training_params, known_params, check_ints, params_from
+from .rundir import Run, set_status, check_same_run, claim_run, complete_run, is_complete
+from .runs import run_view_config, run_encoder_config, run_train_config, method_hparams, parallel_of
 from .estimates import null_quantile, fraction_above
 from .splits import draw_disjoint
 from .crossfit import crossfit_seed, aggregate_scores, seed_reliability, select_scores, removal_sets, retrain_budget, STRATEGIES, index_hash

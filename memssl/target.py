@@ -25,8 +25,9 @@ from .augment import ViewConfig
 from .models import load_encoder, read_checkpoint, CheckpointError, Encoder
 from .memorization import alignment_scores, FEATURES
 from .train import TrainConfig, fit_many, _fit_job
-from .runs import (RunError, Run, RunResult, known_params, params_diff, check_ints, check_destination, check_dataset_name, check_same_run,
-                         claim_run, complete_run, params_id, set_status, pair_training_sets, planted_train, run_canaries)
+from .params import RunError, known_params, params_diff, check_ints, check_destination, check_dataset_name, params_id
+from .rundir import Run, check_same_run, claim_run, complete_run, set_status
+from .runs import RunResult, pair_training_sets, planted_train, run_canaries
 from .crossfit import index_hash
 from .bank import Bank, BankError
 from .estimates import (one_model_estimate, lira_llr, rmia_scores, calibrated_decisions, auroc, tpr_at_fpr, EstimateError)

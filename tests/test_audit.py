@@ -11,7 +11,9 @@ import torchvision
 from memssl.audit import AUDIT_DEFAULTS
 from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
-from memssl.runs import validate_params, RunResult, is_complete
+from memssl.params import validate_params
+from memssl.rundir import is_complete
+from memssl.runs import RunResult
 from memssl.models import lightly_module
 
 ROOT = Path(__file__).resolve().parent.parent

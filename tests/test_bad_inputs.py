@@ -13,7 +13,8 @@ import torch
 from memssl.data import load_dataset, write_fake_dataset
 from memssl.grid import load_grid
 from memssl.models import Encoder, encoder_config, load_encoder, save_encoder, CheckpointError
-from memssl.runs import validate_params, start_run, RunError
+from memssl.params import validate_params, RunError
+from memssl.runs import start_run
 from memssl.splits import Split, SplitError, load_split, random_split
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from PIL import Image
 from memssl.book import build_book
 from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
-from memssl.runs import validate_params
+from memssl.params import validate_params
 from memssl.removal import validate_removal_params
 from memssl.layers import validate_layers_params
 

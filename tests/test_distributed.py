@@ -10,7 +10,9 @@ import torch
 
 from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
-from memssl.runs import RunResult, validate_params, is_complete
+from memssl.params import validate_params
+from memssl.rundir import is_complete
+from memssl.runs import RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

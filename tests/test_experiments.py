@@ -7,7 +7,9 @@ import pytest
 
 from memssl.data import write_fake_dataset, load_dataset
 from memssl.grid import execute_run
-from memssl.runs import DEFAULTS, RunResult, is_complete, validate_params
+from memssl.params import DEFAULTS, validate_params
+from memssl.rundir import is_complete
+from memssl.runs import RunResult
 from memssl.splits import random_split, ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +111,7 @@ def test_dry_run_rejects_unknown_dataset(tmp_path, value, message):
 def test_every_shipped_grid_file_expands(grid_file, tmp_path, monkeypatch):
     "Every grid file in experiments/ reads and validates every run it lists; one that reads another run is refused only because that run is not made."
     from memssl.grid import load_grid
-    from memssl.runs import RunError
+    from memssl.params import RunError
     monkeypatch.chdir(tmp_path)                                   # relative runs roots and source runs resolve in an empty directory
     try: g = load_grid(ROOT / 'experiments' / grid_file)
     except RunError as e:

@@ -3,7 +3,7 @@ import subprocess, sys
 from pathlib import Path
 
 from memssl.data import write_fake_dataset
-from memssl.runs import is_complete
+from memssl.rundir import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = Path(sys.executable).parent / 'memssl-grid'

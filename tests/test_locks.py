@@ -7,7 +7,7 @@ import pytest
 
 from memssl.data import write_fake_dataset
 from memssl.io import DirLock, read_lock, lock_is_stale, LOCK_NAME
-from memssl.runs import is_complete
+from memssl.rundir import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from memssl.data import write_fake_dataset
-from memssl.runs import is_complete
+from memssl.rundir import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ import yaml
 
 from memssl.data import write_fake_dataset, load_dataset
 from memssl.splits import random_split
-from memssl.runs import is_complete
+from memssl.rundir import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text()

@@ -9,7 +9,7 @@ import pytest
 from memssl.data import write_fake_dataset
 from memssl.grid import execute_run
 from memssl.removal import REMOVAL_DEFAULTS, validate_removal_params
-from memssl.runs import is_complete
+from memssl.rundir import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 NB = ROOT / 'experiments' / 'removal.ipynb'
@@ -84,7 +84,8 @@ def test_removal_run_and_a_scores_file_of_other_data(tmp_path):
 def test_removal_ranked_by_an_sslmem_run_trains_nothing_to_score_and_refuses_other_data(tmp_path):
     "source_run: the pool is the SSLMem run's candidates and independent points, ranked by their estimates over its (redrawn) pairs."
     from memssl.pointwise import pool_estimates
-    from memssl.runs import validate_params, RunResult
+    from memssl.params import validate_params
+    from memssl.runs import RunResult
     npz = write_fake_dataset('npz', tmp_path, n_train=160, n_test=40)
     sp = validate_params(dict(dataset=f'npz:{npz}', n_shared=40, n_candidates=30, n_independent=30, n_extra=30, n_pairs=2, epochs=2,
                               batch_size=32, n_views=4, n_probe_train=100, n_probe_test=40, probe_epochs=5, knn_k=10, device='cpu',

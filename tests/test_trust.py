@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from memssl.data import write_fake_dataset
-from memssl.runs import RunResult, is_complete
+from memssl.rundir import is_complete
+from memssl.runs import RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = Path(sys.executable).parent / 'memssl-grid'
