@@ -294,7 +294,7 @@ def score_pairs(run:Run, pairs:list, split:Split, train:ImageData, test:ImageDat
     can = run_canaries(run)
     if can is not None:                                            # every canary in every pair: planted in this pair's f, or not
         c = can[can['kind'] != 'filler']
-        cix = c['idx'].to_numpy(np.int64)
+        cix = c['idx'].to_numpy(np.int64).copy()                  # writable: torch indexes with it
         imgs, idx = cat_images([imgs, train.images[cix]]), np.concatenate([idx, cix])
         roles, labels = np.concatenate([roles, np.full(len(cix), 'canary', dtype=object)]).astype(str), np.concatenate([labels, train.labels[cix].numpy()])
     parts = []
