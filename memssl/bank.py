@@ -315,7 +315,6 @@ def run_bank(params:dict, design:str='redrawn', progress:bool=True) -> dict:
     from memssl.params import validate_params
     from memssl.rundir import Run, claim_run, complete_run
     from memssl.runs import load_run_data, make_run_split, run_view_config, parallel_of
-    if design not in DESIGNS: raise BankError(f'design must be one of {DESIGNS}, got {design!r}')
     p = validate_params(params)
     run = Run(p)
     check_bank_dir(run, design)
