@@ -146,7 +146,7 @@ def build_book(root='.', strict:bool=True, builder:str='html') -> Path:
     (root / '_build' / 'toc.yml').write_text(yaml.safe_dump(toc, sort_keys=False))
     jb = Path(sys.executable).parent / 'jupyter-book'
     cmd = [str(jb) if jb.exists() else 'jupyter-book', 'build', str(root), '--toc', str(root / '_build' / 'toc.yml'),
-           '--builder', builder] + (['-W', '-n', '--keep-going'] if strict else [])
+           '--builder', builder, '--all'] + (['-W', '-n', '--keep-going'] if strict else [])
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         if not build_noise(line): sys.stdout.write(line); sys.stdout.flush()
